@@ -1,0 +1,150 @@
+"""Make the tiny starting policy that every RL script loads by default.
+
+A ~0.6M-parameter GPT-2 learns two-digit addition ("12+34=" -> "46<eos>") by supervised
+fine-tuning, with a character-level tokenizer over "0123456789+=". Training stops early on
+purpose, as soon as greedy accuracy on a validation set reaches --target-accuracy, so that
+reinforcement learning has room to improve: the policy already puts some probability on the
+right answer (REINFORCE cannot learn from a reward it never sees) but is far from perfect.
+
+    python sft.py                        # rebuilds checkpoints/sft-addition/ in about a minute
+
+The result is an ordinary Hugging Face folder: AutoModelForCausalLM.from_pretrained(dir) and
+AutoTokenizer.from_pretrained(dir) load it like any hub model, offline.
+"""
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Args:
+    output_dir: Path = HERE / "checkpoints" / "sft-addition"
+    """where the model and tokenizer are saved (save_pretrained, safetensors)"""
+    seed: int = 0
+    """seed for initialisation and data order"""
+    target_accuracy: float = 0.45
+    """stop once greedy validation accuracy reaches this: a deliberately half-trained policy"""
+    max_steps: int = 4000
+    """stop here if the target is never reached"""
+    batch_size: int = 128
+    """addition examples per step"""
+    learning_rate: float = 5e-4
+    """AdamW learning rate"""
+    eval_every: int = 10
+    """steps between validation checks (the stopping rule's resolution)"""
+    n_embd: int = 128
+    """model width"""
+    n_layer: int = 3
+    """transformer blocks"""
+    n_head: int = 4
+    """attention heads"""
+
+
+# ---- The task: two-digit addition (identical in every script) ----
+EVAL_SEED = 1234  # fixed forever, independent of --seed, so every run scores the same 500 pairs
+ALL_PAIRS = [(a, b) for a in range(100) for b in range(100)]
+EVAL_PAIRS = random.Random(EVAL_SEED).sample(ALL_PAIRS, 500)
+TRAIN_PAIRS = sorted(set(ALL_PAIRS) - set(EVAL_PAIRS))  # every training prompt, SFT and RL alike
+
+
+def prompt_of(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, plus distinct <pad> (id 0) and <eos> (id 1)."""
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate("0123456789+=")}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # split into characters
+    backend.decoder = decoders.Fuse()  # decode to "46", not "4 6"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def encode_examples(tok, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded "a+b=" + "sum<eos>" sequences, and labels that score only the answer."""
+    rows, labels = [], []
+    for a, b in pairs:
+        prompt = tok(prompt_of(a, b))["input_ids"]
+        answer = tok(str(a + b))["input_ids"] + [tok.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)  # the prompt is given, not predicted
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+    return ids, lab
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tok, pairs, max_new_tokens: int = 4) -> float:
+    """Exact-match rate of greedy answers. Prompts are right-aligned (left-padded) with
+    position ids that start at 0 on the first real token, as in the RL scripts."""
+    enc = tok([prompt_of(a, b) for a, b in pairs], padding=True, padding_side="left", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    for _ in range(max_new_tokens):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
+        ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+    answers = [tok.decode(row, skip_special_tokens=False) for row in ids[:, enc["input_ids"].shape[1]:]]
+    eos = tok.eos_token
+    return sum(ans.split(eos)[0] == str(a + b) and eos in ans for ans, (a, b) in zip(answers, pairs)) / len(pairs)
+
+
+def main(args: Args) -> None:
+    if not 0 < args.target_accuracy <= 1 or args.max_steps < 1 or args.batch_size < 1:
+        sys.exit("error: need 0 < --target-accuracy <= 1, --max-steps >= 1, --batch-size >= 1")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    tok = make_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=32, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # RL needs a deterministic policy: no dropout
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    print(f"sft: {sum(p.numel() for p in model.parameters()):,} parameters, target accuracy {args.target_accuracy}")
+
+    # A validation set carved out of the training pairs decides when to stop; the evaluation
+    # set is never looked at during training.
+    pairs = list(TRAIN_PAIRS)
+    random.Random(args.seed).shuffle(pairs)
+    val_pairs, train_pairs = pairs[:500], pairs[500:]
+    ids, labels = encode_examples(tok, train_pairs)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    start, step, val_acc = time.time(), 0, 0.0
+    while step < args.max_steps and val_acc < args.target_accuracy:
+        model.train()
+        batch = torch.randint(len(ids), (args.batch_size,))
+        logits = model(input_ids=ids[batch], attention_mask=(ids[batch] != tok.pad_token_id).long()).logits[:, :-1]  # position t predicts token t+1
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[batch, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % args.eval_every == 0:
+            model.eval()
+            val_acc = greedy_accuracy(model, tok, val_pairs)
+            print(f"step {step:5d}  loss {loss.item():.4f}  val_accuracy {val_acc:.3f}  {time.time() - start:.0f}s")
+
+    model.eval()
+    eval_acc = greedy_accuracy(model, tok, EVAL_PAIRS)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    tok.save_pretrained(args.output_dir)
+    print(f"sft: stopped at step {step}, val_accuracy {val_acc:.3f}, eval_accuracy {eval_acc:.3f}, "
+          f"{time.time() - start:.0f}s -> {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
