@@ -32,8 +32,10 @@ from typing import Literal
 import torch
 import tyro
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 HERE = Path(__file__).resolve().parent
+hf_logging.disable_progress_bar()  # loading and saving bars would drown the training log
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Args:
     """K responses sampled for each prompt (RLOO needs K >= 2)"""
     baseline: Literal["none", "mean", "leave-one-out"] = "leave-one-out"
     """b in (R − b): none; mean = running mean of past rewards; leave-one-out = mean of the other K − 1"""
-    learning_rate: float = 3e-4
+    learning_rate: float = 3e-5
     """Adam learning rate"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
@@ -163,8 +165,9 @@ def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: flo
     tokens, response_mask = [], []
     for _ in range(max_new_tokens):
         with autocast(device):
-            out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+            out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, cache=cache, use_cache=True,
+                        logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1].float()
         if greedy:
             nxt = logits.argmax(-1)
         else:

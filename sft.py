@@ -23,8 +23,10 @@ import torch.nn.functional as F
 import tyro
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 HERE = Path(__file__).resolve().parent
+hf_logging.disable_progress_bar()  # loading and saving bars would drown the training log
 
 
 @dataclass
