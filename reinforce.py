@@ -196,7 +196,8 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, 
     forward pass with the sampler's attention mask, position ids and temperature."""
     with autocast(ids.device):
         logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
-    logits = logits[:, n_prompt - 1 : -1].float() / temperature  # the logit at t predicts token t + 1
+    logits = logits[:, n_prompt - 1 : -1]  # the logit at t predicts token t + 1
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
