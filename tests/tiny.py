@@ -96,3 +96,24 @@ class TabularPolicy(torch.nn.Module):
         """π_θ(y) = Π_t π_θ(y_t | y_<t), differentiable in θ."""
         logp = torch.log_softmax(self.theta, -1)
         return torch.exp(sum(logp[self.index[response[:t]], a] for t, a in enumerate(response)))
+
+
+# ---- Running a script end to end ----
+def run_script(script: str | Path, *flags: str, out_dir: Path | None = None, cwd: Path | None = None,
+               check: bool = True):
+    """Run `python script flags...` in a subprocess (one thread, as a test neighbour to others) and
+    return (completed process, metrics.jsonl rows). Budgets are in episodes, never in seconds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(script) if Path(script).is_absolute() else ROOT / script
+    cmd = [sys.executable, str(script), *flags] + (["--output-dir", str(out_dir)] if out_dir else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    metrics = out_dir / "metrics.jsonl" if out_dir else None
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics and metrics.exists() else []
+    return proc, rows
