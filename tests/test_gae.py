@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 from torch.autograd.functional import jacobian
 from torch.testing import assert_close
 
@@ -34,8 +34,10 @@ def batches(draw, B=None, T=None, holes=False):
     if holes:
         mask = draw(tensors((B, T), st.booleans())).bool()
     else:
-        lengths = torch.tensor(draw(st.lists(st.integers(0, T), min_size=B, max_size=B)))
-        mask = torch.arange(T) < lengths[:, None]
+        # Full rows are where terminal and discount bugs show, so favour them.
+        length = st.one_of(st.just(T), st.integers(0, T))
+        n_valid = torch.tensor(draw(st.lists(length, min_size=B, max_size=B)))
+        mask = torch.arange(T) < n_valid[:, None]
     mask = mask.to(draw(st.sampled_from([torch.bool, torch.float64, torch.int64])))
     return draw(tensors((B, T))), draw(tensors((B, T))), mask
 
@@ -65,7 +67,6 @@ def discounts(n, c):
 
 
 @implementations
-@settings(deadline=None)
 @given(batches(), unit)
 def test_lambda_zero_is_one_step_td_error(gae_fn, batch, gamma):
     """GAE(γ, 0): A_t = δ_t = r_t + γ·V_{t+1} − V_t (eq. 17), V = 0 after the last token."""
@@ -75,7 +76,6 @@ def test_lambda_zero_is_one_step_td_error(gae_fn, batch, gamma):
 
 
 @implementations
-@settings(deadline=None)
 @given(batches(), unit)
 def test_lambda_one_is_reward_to_go_minus_value(gae_fn, batch, gamma):
     """GAE(γ, 1): A_t = Σ_{s≥t} γ^(s−t)·r_s − V_t (eq. 18): the critic only acts as a baseline."""
@@ -85,7 +85,6 @@ def test_lambda_one_is_reward_to_go_minus_value(gae_fn, batch, gamma):
 
 
 @implementations
-@settings(deadline=None)
 @given(batches(), unit, unit)
 def test_returns_satisfy_lambda_return_recursion(gae_fn, batch, gamma, lam):
     """R_t = r_t + γ·[(1−λ)·V_{t+1} + λ·R_{t+1}], with V and R = 0 after the last token."""
@@ -96,7 +95,6 @@ def test_returns_satisfy_lambda_return_recursion(gae_fn, batch, gamma, lam):
 
 
 @implementations
-@settings(deadline=None)
 @given(batches(), st.data(), unit, unit, st.floats(-3, 3), st.floats(-3, 3))
 def test_linear_in_rewards_and_values(gae_fn, batch, data, gamma, lam, a, b):
     """gae(a·r1 + b·r2, a·v1 + b·v2) = a·gae(r1, v1) + b·gae(r2, v2), for advantages and returns."""
@@ -108,7 +106,6 @@ def test_linear_in_rewards_and_values(gae_fn, batch, data, gamma, lam, a, b):
 
 
 @implementations
-@settings(deadline=None)
 @given(batches(), unit, unit)
 def test_advantage_gradient_wrt_rewards_is_discount(gae_fn, batch, gamma, lam):
     """∂A_t/∂r_s = (γλ)^(s−t) for valid s ≥ t of the same row, else 0: no credit flows
@@ -122,7 +119,6 @@ def test_advantage_gradient_wrt_rewards_is_discount(gae_fn, batch, gamma, lam):
 
 
 @implementations
-@settings(deadline=None)
 @given(batches(), st.data(), unit, unit)
 def test_padding_garbage_never_reaches_the_result(gae_fn, batch, data, gamma, lam):
     """NaN, ±inf or 1e30 in padded rewards and values changes no bit of the output;
@@ -139,7 +135,6 @@ def test_padding_garbage_never_reaches_the_result(gae_fn, batch, data, gamma, la
 
 
 @implementations
-@settings(deadline=None)
 @given(batches(), st.data(), unit, unit)
 def test_rows_are_independent(gae_fn, batch, data, gamma, lam):
     """Permuting rows permutes the outputs; replacing one row leaves the others bit-identical."""
@@ -157,7 +152,6 @@ def test_rows_are_independent(gae_fn, batch, data, gamma, lam):
 
 @implementations
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(deadline=None)
 @given(batches(), unit, unit)
 def test_pure_and_dtype_preserving(gae_fn, dtype, batch, gamma, lam):
     """Outputs keep the input dtype and the inputs are left untouched, under no_grad too."""
@@ -169,8 +163,7 @@ def test_pure_and_dtype_preserving(gae_fn, dtype, batch, gamma, lam):
     assert all(torch.equal(x, y) for x, y in zip((r, v, mask), before))
 
 
-@settings(deadline=None)
-@given(batches(holes=True), unit, unit)
+@given(st.one_of(batches(), batches(holes=True)), unit, unit)
 def test_vectorised_gae_equals_loop(batch, gamma, lam):
     """The parallel scan `gae` matches the reference loop for any mask, holes included."""
     for fast, reference in zip(gae(*batch, gamma, lam), gae_loop(*batch, gamma, lam)):
