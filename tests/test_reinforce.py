@@ -202,18 +202,6 @@ def test_token_logprobs_divide_the_logits_by_the_sampling_temperature(gpt2):
     assert torch.allclose(logp[0], expected, atol=1e-12)
 
 
-# ---- The task ----
-@pytest.mark.parametrize("completion, finished, score", [
-    ("46", True, 1.0), ("46", False, 0.0), ("47", True, 0.0), ("046", True, 0.0), ("", True, 0.0)])
-def test_reward_is_exact_match_followed_by_eos(completion, finished, score):
-    assert R.reward("12+34=", completion, finished) == score
-
-
-def test_evaluation_pairs_are_fixed_and_never_trained_on():
-    assert len(set(R.EVAL_PAIRS)) == 500 and not set(R.EVAL_PAIRS) & set(R.TRAIN_PAIRS)
-    assert len(R.TRAIN_PAIRS) == 10_000 - 500
-
-
 # ---- End to end ----
 def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     _, rows = run_script("reinforce.py", "--total-episodes", "5120", "--eval-every", "5120", out_dir=tmp_path)
