@@ -53,6 +53,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     the step after a response's last valid token is terminal: there
     V_{t+1} = 0 and A_{t+1} = 0. Padded positions return exactly 0, and
     nothing stored there, not even NaN or inf, reaches a valid position.
+    A mask with gaps is read position by position: each gap ends a response.
 
     Computed as a parallel scan: the recursion is A_t = δ_t + c_t·A_{t+1} with
     c_t = γλ inside a response and 0 at its last token, so summing pairs of

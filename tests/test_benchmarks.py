@@ -1,0 +1,97 @@
+"""benchmarks/compare.py: the table's arithmetic on synthetic metrics, and a --quick run end to end."""
+
+import importlib.util
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks import compare as C
+from tiny import run_script
+
+
+def eval_rows(accuracies, every=512, speed=100.0):
+    """metrics.jsonl rows of one run: an evaluation every `every` episodes, starting at row 0, with a
+    row without an evaluation in between (as a run whose batch is half the interval writes)."""
+    rows = []
+    for i, acc in enumerate(accuracies):
+        if i:
+            halfway = every * i - every // 2
+            rows.append({"iteration": 2 * i - 1, "episodes": halfway, "seconds": halfway / speed})
+        rows.append({"iteration": 2 * i, "episodes": every * i, "seconds": every * i / speed, "eval_accuracy": acc})
+    return rows
+
+
+def run_of(accuracies, peak=500.0, **kw):
+    return {"rows": eval_rows(accuracies, **kw), "peak_rss_mib": peak, "args": {}}
+
+
+def test_first_reach_is_the_first_evaluation_at_or_above_the_threshold():
+    rows = eval_rows([0.49, 0.6, 0.55, 0.85])
+    assert C.first_reach(rows, 0.5) == (512, 5.12)
+    assert C.first_reach(rows, 0.6) == (512, 5.12)  # >=: reaching the threshold exactly counts
+    assert C.first_reach(rows, 0.8) == (1536, 15.36)
+    assert C.first_reach(rows, 0.4) == (0, 0.0)  # the starting policy is already there
+    assert C.first_reach(rows, 0.95) is None
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=20), st.floats(0, 1), st.floats(0, 1))
+def test_first_reach_finds_the_earliest_evaluation_and_a_higher_threshold_is_never_reached_sooner(accuracies, t1, t2):
+    lo, hi = sorted((t1, t2))
+    rows = eval_rows(accuracies)
+    hit_lo, hit_hi = C.first_reach(rows, lo), C.first_reach(rows, hi)
+    if hit_lo is None:
+        assert all(a < lo for a in accuracies)
+    else:
+        i = hit_lo[0] // 512
+        assert accuracies[i] >= lo and all(a < lo for a in accuracies[:i])
+    if hit_hi is not None:
+        assert hit_lo is not None and hit_lo[0] <= hit_hi[0] and hit_lo[1] <= hit_hi[1]
+
+
+def test_reach_cell_averages_over_the_seeds_that_got_there_and_says_how_many():
+    runs = [run_of([0.49, 0.6, 0.85]), run_of([0.49, 0.45, 0.7]), run_of([0.49, 0.82, 0.9], speed=50.0)]
+    assert C.reach_cell(runs, 0.5) == "683 ep · 9 s"  # (512 + 1024 + 512) / 3 episodes, (5.12 + 10.24 + 10.24) / 3 s
+    assert C.reach_cell(runs, 0.8) == "768 ep · 10 s (2/3 seeds)"  # (1024 + 512) / 2 episodes, (10.24 + 10.24) / 2 s
+    assert C.reach_cell(runs, 0.95) == "—"
+
+
+def test_mean_std_is_the_sample_std_and_only_the_mean_for_one_seed():
+    assert C.mean_std([0.9, 0.8, 0.7]) == "0.800 ± 0.100"
+    assert C.mean_std([0.5]) == "0.500"
+
+
+def test_table_has_one_row_per_algorithm_with_final_accuracy_speed_and_peak_memory():
+    results = {"reinforce": [run_of([0.49, 0.9], peak=600), run_of([0.49, 0.7], peak=650)],
+               "ppo": [{**run_of([0.49, 0.8]), "peak_rss_mib": None}]}
+    lines = C.table(results).splitlines()
+    assert len(lines) == 2 + len(results)
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert cells["reinforce"] == ["2", "512 ep · 5 s", "512 ep · 5 s (1/2 seeds)", "—", "0.800 ± 0.141", "100", "650"]
+    assert cells["ppo"] == ["1", "512 ep · 5 s", "512 ep · 5 s", "—", "0.800", "100", "?"]
+
+
+def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    proc, _ = run_script("benchmarks/compare.py", "--quick", "--runs-dir", str(runs), "--out-dir", str(out))
+    text = (out / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| algorithm")}
+    assert set(rows) == set(C.ALGOS)
+    for algo, cells in rows.items():
+        metrics = [json.loads(l) for l in (runs / f"{algo}-1" / "metrics.jsonl").read_text().splitlines()]
+        final = [r["eval_accuracy"] for r in metrics if "eval_accuracy" in r][-1]
+        assert cells[0] == "1" and cells[4] == f"{final:.3f}"
+        assert float(cells[5].replace(",", "")) > 0 and float(cells[6].replace(",", "")) > 50  # episodes/s, MiB
+    assert "Command: `python benchmarks/compare.py --quick" in text and "Machine: " in text
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "curves.png skipped" in proc.stdout and not (out / "curves.png").exists()
+
+    # --skip-runs re-reads the same runs, so it writes the same report without running anything.
+    written = {p: p.stat().st_mtime_ns for p in runs.rglob("*")}
+    run_script("benchmarks/compare.py", "--quick", "--skip-runs", "--runs-dir", str(runs),
+               "--out-dir", str(tmp_path / "again"))
+    assert (tmp_path / "again" / "results.md").read_text() == text
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*")} == written
