@@ -1,21 +1,19 @@
 """Proximal Policy Optimization on a causal language model (Schulman et al. 2017), as used in
 RLHF (Ziegler et al. 2019; Ouyang et al. 2022).
 
-Each response is an episode: token a_t is an action taken in state s_t, the prompt and the
-tokens before it. Each iteration has two phases.
+Each response is an episode: token a_t is an action in state s_t (the prompt and the tokens
+before it). An iteration has two phases.
 
-1. Collect, without gradients. Sample one response per prompt and score it. Record log π_old
-   (the sampling policy), log π_ref (the frozen starting policy) and the critic's V(s_t). Token t
-   earns −β·log(π_old/π_ref)(a_t | s_t), and the last token also earns the score. GAE
-   (gae.py) turns rewards and values into advantages A_t and returns R_t.
-2. Update: several epochs over the batch in shuffled minibatches. Each minibatch takes a
-   gradient step on the clipped surrogate
+1. Collect, without gradients: sample a response per prompt and score it; record log π_old (the
+   sampler), log π_ref (the frozen starting policy) and the critic's V(s_t). Token t earns
+   −β·log(π_old/π_ref)(a_t | s_t), the last token also the score; GAE (gae.py) turns rewards and
+   values into advantages A_t and returns R_t.
+2. Update: several epochs of shuffled minibatches, a gradient step on each, ascending
 
        L(θ) = E_t[ min(r_t(θ)·A_t, clip(r_t(θ), 1 − ε, 1 + ε)·A_t) ],   r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t)
 
-   The objective stops rewarding r_t for moving more than ε past 1 in the direction A_t favours.
-   That keeps many steps on one batch close to the policy that sampled it. Meanwhile the critic
-   regresses V(s_t) on R_t.
+   which stops paying for moving r_t more than ε past 1 in the direction A_t favours, so many steps
+   on one batch stay close to the policy that sampled it; the critic regresses V(s_t) on R_t.
 
     python ppo.py                  # the embedded addition policy, a few minutes on a CPU
     python ppo.py --help
@@ -54,9 +52,9 @@ class Args:
     """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random"""
-    total_episodes: int = 76_800
+    total_episodes: int = 25_600
     """sampled responses to train on"""
-    num_prompts: int = 64
+    num_prompts: int = 256
     """prompts per iteration, one response each: the batch that the update reuses for several epochs"""
     learning_rate: float = 3e-5
     """Adam learning rate (policy and critic)"""
@@ -64,7 +62,7 @@ class Args:
     """clip the gradient's global norm to this"""
     max_new_tokens: int = 6
     """longest response; one that has not emitted EOS by then is cut off"""
-    temperature: float = 1.0
+    temperature: float = 0.5
     """sampling temperature, used identically when computing log-probs"""
     kl_coef: float = 0.0
     """β: every token earns −β·log(π_old/π_ref); the starting β when --kl-target is set"""
@@ -72,7 +70,7 @@ class Args:
     """adapt β so the mean KL(π‖π_ref) per response approaches this, in nats (None = fixed β)"""
     kl_horizon: int = 10_000
     """episodes over which the adaptive β can grow or shrink by its clip of 20%"""
-    missing_eos_penalty: float | None = None
+    missing_eos_penalty: float = 0.0
     """subtract this from the score of responses cut off before EOS"""
     reward_model: Path | None = None
     """score prompt + response with this local AutoModelForSequenceClassification (one label) instead of `reward`"""
@@ -94,7 +92,7 @@ class Args:
     """weight of the value loss in the total loss"""
     micro_batch_size: int = 256
     """responses per forward/backward pass; gradients accumulate over micro-batches"""
-    eval_every: int = 12_800
+    eval_every: int = 6_400
     """episodes between evaluations (one also runs before the first update and after the last)"""
     output_dir: Path | None = None
     """where metrics.jsonl, args.json and model/ go (default: runs/ppo-<seed>-<time>)"""
@@ -117,29 +115,22 @@ def parse_args() -> Args:
                 break
             body.append(line.strip("│ "))
         sys.exit("error: " + " ".join(body))
-    problems = [
-        (args.total_episodes < 1, "--total-episodes must be >= 1"),
-        (args.num_prompts < 1, "--num-prompts must be >= 1"),
-        (not args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
-        (args.max_new_tokens < 1, "--max-new-tokens must be >= 1"),
-        (not args.temperature > 0, "--temperature must be > 0"),
+    flag = lambda name: "--" + name.replace("_", "-")
+    at_least_one = ["total_episodes", "num_prompts", "max_new_tokens", "ppo_epochs", "num_minibatches", "micro_batch_size",
+                    "eval_every"]
+    positive = ["learning_rate", "max_grad_norm", "temperature", "clip_range", "value_clip_range", "vf_coef"]
+    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
+    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
+    problems += [
         (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
         (args.kl_target is not None and not args.kl_target > 0, "--kl-target must be > 0"),
         (args.kl_target is not None and not args.kl_coef > 0, "--kl-target needs a starting --kl-coef > 0"),
         (not args.kl_horizon > 0.2 * args.num_prompts, "--kl-horizon must exceed 0.2 x --num-prompts, or β could reach 0"),
-        (args.missing_eos_penalty is not None and not args.missing_eos_penalty >= 0, "--missing-eos-penalty must be >= 0"),
+        (not args.missing_eos_penalty >= 0, "--missing-eos-penalty must be >= 0"),
         (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]"),
         (not 0 <= args.gae_lambda <= 1, "--gae-lambda must be in [0, 1]"),
-        (args.ppo_epochs < 1, "--ppo-epochs must be >= 1"),
-        (args.num_minibatches < 1, "--num-minibatches must be >= 1"),
         (args.num_prompts % max(args.num_minibatches, 1) != 0,
          f"--num-minibatches {args.num_minibatches} must divide --num-prompts {args.num_prompts}"),
-        (not args.clip_range > 0, "--clip-range must be > 0"),
-        (not args.value_clip_range > 0, "--value-clip-range must be > 0"),
-        (not args.vf_coef > 0, "--vf-coef must be > 0"),
-        (args.micro_batch_size < 1, "--micro-batch-size must be >= 1"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
         (args.device not in ("auto", "cpu") and not args.device.startswith("cuda"), "--device must be auto, cpu or cuda[:N]"),
         (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA device here"),
     ]
@@ -412,8 +403,7 @@ def main() -> None:
             scores = reward_model_scores(*reward_model, [p + c for p, c in zip(prompts, texts)], args.micro_batch_size)
         else:
             scores = torch.tensor([reward(p, c, f) for p, c, f in zip(prompts, texts, finished)], device=device)
-        if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * ~torch.tensor(finished, device=device)
+        scores = scores - args.missing_eos_penalty * ~torch.tensor(finished, device=device)
         chunks = torch.arange(batch_size, device=device).split(args.micro_batch_size)
         with torch.no_grad():
             logp_old, entropy, values_old = (torch.cat(x) for x in zip(*(
@@ -427,8 +417,7 @@ def main() -> None:
         # Losses are means over the valid tokens of the minibatch: each token is an action with its
         # own A_t, weighted alike whatever the length of its response, and a micro-batch adds its
         # token sum divided by the minibatch's token count, so accumulation equals one big batch.
-        totals = dict.fromkeys(["policy_loss", "value_loss", "clip_fraction", "approx_kl", "ratio_mean"], 0.0)
-        ratio_max, first_ratio_error, grad_norms = 0.0, 0.0, []
+        sums, ratio_max, first_ratio_error, grad_norms = {}, 0.0, 0.0, []
         for epoch in range(args.ppo_epochs):
             for minibatch in torch.randperm(batch_size, device=device).split(minibatch_size):
                 n_tokens = mask[minibatch].sum()
@@ -440,34 +429,33 @@ def main() -> None:
                     vf_loss = value_loss(values, values_old[mb], returns[mb], args.value_clip_range)
                     loss = (masked_sum(pg_loss, m) + args.vf_coef * masked_sum(vf_loss, m)) / n_tokens
                     loss.backward()
-                    with torch.no_grad():
-                        a = advantages[mb]
-                        clipped = (ratio - ratio.clamp(1 - args.clip_range, 1 + args.clip_range)) * a < 0  # min picked the clip
-                        for key, x in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clipped),
-                                       ("approx_kl", kl_estimators(logp_old[mb], logp)[1]), ("ratio_mean", ratio)):
-                            totals[key] += masked_sum(x.float(), m).item()
-                        ratio_max = max(ratio_max, ratio[m].max().item())
-                        if not grad_norms:  # no step yet: π_θ = π_old, so r_t must be 1 up to rounding
-                            first_ratio_error = max(first_ratio_error, (ratio[m] - 1).abs().max().item())
+                    token_stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "ratio_mean": ratio,
+                                   "clip_fraction": pg_loss > -ratio * advantages[mb],  # the clip is active
+                                   "approx_kl": kl_estimators(logp_old[mb], logp)[1]}  # KL(π_old‖π_θ), k3
+                    for key, x in token_stats.items():
+                        sums[key] = sums.get(key, 0.0) + masked_sum(x.detach().float(), m)
+                    ratio_max = max(ratio_max, ratio.detach()[m].max().item())
+                    if not grad_norms:  # no step yet: π_θ = π_old, so r_t must be 1 up to rounding
+                        first_ratio_error = max(first_ratio_error, (ratio.detach()[m] - 1).abs().max().item())
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     sys.exit(f"error: non-finite gradient at iteration {iteration}; "
                              f"the last saved model is in {out_dir / 'model'}")
                 optimizer.step()
-                grad_norms.append(grad_norm.item())
+                grad_norms.append(grad_norm)
 
         episodes += batch_size
-        n_tokens, n_updated = mask.sum(), args.ppo_epochs * mask.sum().item()
+        n_tokens, var_returns = mask.sum(), masked_var(returns, mask)
         kl_k1, kl_k3 = (masked_sum(k, mask).item() / batch_size for k in kl_estimators(logp_old, logp_ref))
         row = {
             "iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3),
             "reward_mean": (masked_sum(rewards, mask) / batch_size).item(), "score_mean": scores.mean().item(),
-            "kl": kl_k1, "kl_k3": kl_k3, "beta": beta,
-            "entropy": masked_mean(entropy, mask).item(), "response_length": (n_tokens / batch_size).item(),
-            **{key: total / n_updated for key, total in totals.items()}, "ratio_max": ratio_max,
-            "first_minibatch_ratio_error": first_ratio_error,
-            "explained_variance": (1 - masked_var(returns - values_old, mask) / masked_var(returns, mask)).item(),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "kl": kl_k1, "kl_k3": kl_k3, "beta": beta, "entropy": masked_mean(entropy, mask).item(),
+            "response_length": (n_tokens / batch_size).item(), "grad_norm": torch.stack(grad_norms).mean().item(),
+            **{key: (total / (args.ppo_epochs * n_tokens)).item() for key, total in sums.items()},
+            "ratio_max": ratio_max, "first_minibatch_ratio_error": first_ratio_error,
+            # undefined (None) when every return is equal
+            "explained_variance": (1 - masked_var(returns - values_old, mask) / var_returns).item() if var_returns > 0 else None,
         }
         if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
             beta = adaptive_kl_coef(beta, kl_k1, args.kl_target, batch_size, args.kl_horizon)
@@ -482,7 +470,7 @@ def main() -> None:
             last_print = time.time()
             print(f"iter {iteration:4d}  episodes {episodes:6d}  reward {row['reward_mean']:.3f}  "
                   f"kl {row['kl']:.3f}  entropy {row['entropy']:.3f}  clip {row['clip_fraction']:.3f}  "
-                  f"expl_var {row['explained_variance']:.2f}  {episodes / (time.time() - start):.0f} episodes/s"
+                  f"expl_var {row['explained_variance'] or 0:.2f}  {episodes / (time.time() - start):.0f} episodes/s"
                   + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""))
     seconds = time.time() - start
     print(f"ppo: eval_accuracy {first_eval['eval_accuracy']:.3f} -> {last_eval['eval_accuracy']:.3f} in "

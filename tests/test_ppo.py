@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassificatio
 
 import ppo
 from gae import gae
-from tiny import CHECKPOINT, TabularPolicy, all_responses, prefixes, response_batch, run_script, tiny_model
+from tiny import CHECKPOINT, ROOT, TabularPolicy, all_responses, prefixes, response_batch, run_script, tiny_model
 
 RESPONSES = all_responses()
 finite = st.floats(-5, 5)
@@ -28,12 +28,12 @@ def tensors(n: int, elements=finite):
 
 
 @st.composite
-def padded(draw, fill=math.nan):
-    """(x, mask) [B, T] float64 with right-padded rows of 1..T valid tokens, padding set to `fill`."""
+def padded(draw):
+    """(x, mask) [B, T] float64 with right-padded rows of 1..T valid tokens and NaN padding."""
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     lengths = torch.tensor(draw(st.lists(st.integers(1, T), min_size=B, max_size=B)))
     mask = torch.arange(T) < lengths[:, None]
-    return torch.where(mask, draw(tensors(B * T)).view(B, T), fill), mask
+    return torch.where(mask, draw(tensors(B * T)).view(B, T), math.nan), mask
 
 
 @st.composite
@@ -74,17 +74,16 @@ def test_clipped_objective_never_exceeds_the_unclipped_one(batch, eps):
     assert (-loss <= ratio * advantages).all()
 
 
-@given(st.lists(finite, min_size=len(prefixes()) * 3, max_size=len(prefixes()) * 3), tensors(len(RESPONSES) * 3),
-       st.floats(0.5, 2), clip_ranges)
+@given(tensors(len(prefixes()) * 3), tensors(len(RESPONSES) * 3), st.floats(0.5, 2), clip_ranges)
 def test_at_ratio_one_the_ppo_gradient_is_the_vanilla_policy_gradient(theta, advantages, temperature, eps):
     """With π_θ = π_old (the first minibatch), ∇ of the PPO loss = ∇ of −A·log π_θ, token by token
     through the script's forward pass on an enumerable policy."""
-    policy = TabularPolicy(torch.tensor(theta, dtype=torch.float64).view(-1, 3))
+    policy = TabularPolicy(theta.view(-1, 3))
     ids, attn, n_prompt, mask = response_batch(RESPONSES)
     advantages = advantages.view(len(RESPONSES), 3)
     logp, _, _ = ppo.forward(policy, ids, attn, n_prompt, temperature)
     ppo_loss, ratio = ppo.policy_loss(logp, logp.detach(), advantages, eps)
-    (ppo_grad,) = torch.autograd.grad(ppo.masked_mean(ppo_loss, mask), policy.theta)
+    (ppo_grad,) = torch.autograd.grad(ppo.masked_mean(ppo_loss, mask), policy.theta, retain_graph=True)
     (vanilla,) = torch.autograd.grad(ppo.masked_mean(-advantages * logp, mask), policy.theta)
     assert (ratio == 1).all()
     assert_close(ppo_grad, vanilla, rtol=1e-12, atol=1e-12)
@@ -164,7 +163,7 @@ def test_masked_statistics_and_whitening_ignore_nan_padding(batch):
     w = ppo.whiten(x, mask)
     assert (w[~mask] == 0).all() and w.isfinite().all()
     assert abs(w[mask].mean().item()) < 1e-9
-    if valid.var(unbiased=False) > 1e-3:
+    if valid.var(unbiased=False) > 0.1:
         assert_close(w[mask].var(unbiased=False), torch.tensor(1.0, dtype=torch.float64), rtol=1e-6, atol=0)
     order = valid.argsort()
     assert (w[mask][order].diff() >= 0).all()
@@ -179,3 +178,131 @@ def test_adaptive_beta_moves_toward_the_target_by_at_most_its_clip(beta, kl, tar
     new = ppo.adaptive_kl_coef(beta, kl, target, n, horizon)
     assert (new > beta) == (kl > target) and new > 0
     assert abs(new - beta) <= 0.2 * beta * n / horizon * (1 + 1e-12)
+
+
+# ---- The reward model ----
+def tiny_reward_model(path, pad_token: bool):
+    """A random 2-layer GPT-2 sequence classifier with one label and the embedded tokenizer."""
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    if not pad_token:
+        tok.pad_token = None
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32, num_labels=1,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "no-pad"])
+def test_reward_model_scores_the_last_token_whatever_the_padding(tmp_path, pad_token):
+    """A batch of texts of different lengths scores each text as if it were alone: the score is read
+    at its own last token, not at padding."""
+    model, tok = ppo.load_reward_model(tiny_reward_model(tmp_path, pad_token), torch.device("cpu"))
+    texts = ["1+2=3", "12+34=46", "9+9=", "99+99=198"]
+    batched = ppo.reward_model_scores(model, tok, texts, micro_batch_size=3)
+    alone = torch.cat([model(**tok([t], return_tensors="pt")).logits[:, 0] for t in texts])
+    assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    assert batched.unique().numel() == len(texts)
+
+
+# ---- End to end ----
+SMALL = ("--num-prompts", "16", "--num-minibatches", "2", "--ppo-epochs", "2", "--max-new-tokens", "4",
+         "--total-episodes", "32", "--eval-every", "1000000")
+
+
+def training_rows(rows: list[dict], episodes: int = 32, batch: int = 16) -> list[dict]:
+    """The rows after row 0, checked to be the complete, finite record of the run."""
+    assert [r["episodes"] for r in rows] == list(range(0, episodes + 1, batch)) and "eval_accuracy" in rows[-1]
+    # explained variance is undefined (None) when every return is equal, e.g. all scores 0 and π = π_ref
+    assert all(k == "explained_variance" and v is None or math.isfinite(v) for r in rows for k, v in r.items())
+    return rows[1:]
+
+
+@pytest.fixture(scope="module")
+def dropout_models(tmp_path_factory):
+    """Tiny models whose configs switch dropout on: only model.eval() everywhere keeps π_θ = π_old."""
+    def make(arch, pad_token):
+        path = tiny_model(tmp_path_factory.mktemp(arch), arch, pad_token=pad_token)
+        config = json.loads((path / "config.json").read_text())
+        config.update({k: 0.5 for k in config if k.endswith(("pdrop", "dropout"))})
+        (path / "config.json").write_text(json.dumps(config))
+        return path
+    return {"gpt2": make("gpt2", True), "llama": make("llama", False)}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"], ids=["gpt2", "llama-without-pad-token"])
+def test_first_minibatch_ratio_is_one_on_tiny_architectures(tmp_path, dropout_models, arch):
+    """π_θ/π_old = 1 within 1e-6 in float32 before the first step of every iteration (same forward,
+    mask, positions, temperature, no dropout), and the later steps do move it. A random model
+    rarely emits EOS, so --missing-eos-penalty gives its responses different scores."""
+    _, rows = run_script("ppo.py", "--model", str(dropout_models[arch]), *SMALL, "--temperature", "0.7",
+                         "--learning-rate", "1e-3", "--kl-coef", "0.1", "--missing-eos-penalty", "1", out_dir=tmp_path)
+    for row in training_rows(rows):
+        assert row["first_minibatch_ratio_error"] <= 1e-6 and row["ratio_max"] > 1 + 1e-4
+    assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "args.json").exists()
+
+
+def test_reward_model_flag_trains_on_the_reward_models_scores(tmp_path):
+    """Scores from a random reward model are not multiples of 1/16, as the task's 0/1 rewards would be."""
+    rm = tiny_reward_model(tmp_path / "rm", pad_token=True)
+    _, rows = run_script("ppo.py", "--reward-model", str(rm), *SMALL, out_dir=tmp_path / "run")
+    assert any(row["score_mean"] * 16 % 1 != 0 for row in training_rows(rows))
+
+
+def test_runs_copied_alone_with_gae(tmp_path):
+    for name in ("ppo.py", "gae.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    _, rows = run_script(tmp_path / "ppo.py", "--model", str(CHECKPOINT), *SMALL, out_dir=tmp_path / "run",
+                         cwd=tmp_path)
+    training_rows(rows)
+
+
+def test_same_seed_gives_the_same_metrics(tmp_path):
+    """Row for row apart from `seconds`, with a separate critic and an adaptive β that does move."""
+    flags = (*SMALL, "--critic", "separate", "--kl-coef", "0.1", "--kl-target", "0.01", "--kl-horizon", "100")
+    runs = [run_script("ppo.py", *flags, out_dir=tmp_path / str(i))[1] for i in range(2)]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(runs[0]) == strip(runs[1])
+    assert len({row["beta"] for row in training_rows(runs[0])}) == 2
+
+
+def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
+    _, rows = run_script("ppo.py", "--total-episodes", "2048", "--eval-every", "2048", out_dir=tmp_path)
+    assert rows[-1]["episodes"] == 2048 and rows[-1]["eval_accuracy"] >= rows[0]["eval_accuracy"] + 0.15
+
+
+# ---- Bad input and a diverging run, in process: they end before any training ----
+def exit_message(monkeypatch, out_dir, *flags) -> str:
+    """main()'s exit message; a small budget first, so that a check that is missing cannot start a long run."""
+    monkeypatch.setattr(sys, "argv", ["ppo.py", *SMALL, *flags, "--output-dir", str(out_dir)])
+    with pytest.raises(SystemExit) as exited:
+        ppo.main()
+    return exited.value.code
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--clip-range", "-0.1"], "--clip-range"),
+    (["--value-clip-range", "0"], "--value-clip-range"),
+    (["--num-prompts", "10", "--num-minibatches", "4"], "--num-minibatches 4 must divide --num-prompts 10"),
+    (["--gae-lambda", "1.5"], "--gae-lambda"),
+    (["--kl-target", "6"], "--kl-coef"),
+    (["--critic", "both"], "critic"),
+    (["--no-such-flag", "1"], "no-such-flag"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--reward-model", "/nonexistent/rm"], "/nonexistent/rm"),
+])
+def test_bad_input_is_one_error_line_before_any_work(monkeypatch, capsys, tmp_path, flags, names):
+    message = exit_message(monkeypatch, tmp_path / "run", *flags)
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message and names in message
+    assert capsys.readouterr().err == "" and not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(tmp_path):
+    proc, _ = run_script("ppo.py", "--clip-range", "-1", out_dir=tmp_path / "run", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --clip-range must be > 0"]
+
+
+def test_a_diverging_run_stops_naming_the_iteration(monkeypatch, tmp_path):
+    message = exit_message(monkeypatch, tmp_path, "--learning-rate", "1e30")
+    assert message.startswith("error: non-finite") and "iteration 1;" in message

@@ -1,0 +1,111 @@
+"""Where one PPO iteration spends its time, phase by phase.
+
+Runs ppo.py's own main() in-process with a small episode budget, after wrapping the functions
+each phase calls in timers (ppo.py itself is left untouched):
+
+  generation   sample() during training                 (the KV-cache sampling loop)
+  scoring      decode() and reward()                    (tokens -> text -> task score)
+  forward      forward() without gradients              (π_old, values, π_ref)
+  update       forward() with gradients, backward() and Adam's step
+  evaluation, setup: evaluate(), and loading, copying and saving models: not part of an iteration
+
+A timer counts time exclusive of the timed calls nested inside it, so nothing is counted twice;
+"other" is the remainder of the wall time (GAE, whitening, statistics, logging).
+
+    python benchmarks/profile_ppo.py                       # ppo.py's defaults, 10 iterations
+    python benchmarks/profile_ppo.py --iterations 5 -- --num-prompts 512 --max-new-tokens 12
+    python benchmarks/profile_ppo.py --sweep               # iteration cost as batch and length double
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import ppo  # noqa: E402
+
+totals: dict[str, float] = defaultdict(float)
+_stack: list[list] = []  # [phase, start, time spent in nested timed calls]
+
+
+def timed(phase_of, fn):
+    def wrapper(*args, **kwargs):
+        phase = phase_of() if callable(phase_of) else phase_of
+        _stack.append([phase, time.perf_counter(), 0.0])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phase, start, nested = _stack.pop()
+            spent = time.perf_counter() - start
+            totals[phase] += spent - nested
+            if _stack:
+                _stack[-1][2] += spent
+    return wrapper
+
+
+def instrument() -> None:
+    ppo.sample = timed("generation", ppo.sample)
+    ppo.decode = timed("scoring", ppo.decode)
+    ppo.reward = timed("scoring", ppo.reward)
+    ppo.forward = timed(lambda: "update" if torch.is_grad_enabled() else "forward", ppo.forward)
+    ppo.evaluate = timed("evaluation", ppo.evaluate)
+    ppo.load_policy = timed("setup", ppo.load_policy)
+    ppo.save = timed("setup", ppo.save)
+    ppo.copy.deepcopy = timed("setup", ppo.copy.deepcopy)
+    torch.Tensor.backward = timed("update", torch.Tensor.backward)
+    torch.optim.Adam.step = timed("update", torch.optim.Adam.step)
+
+
+def profile(iterations: int, extra: list[str]) -> dict[str, float]:
+    """Seconds per iteration by phase, for ppo.py run with `extra` flags."""
+    totals.clear()
+    defaults = ppo.Args()
+    batch = next((int(extra[i + 1]) for i, a in enumerate(extra) if a == "--num-prompts"), defaults.num_prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.argv = ["ppo.py", "--total-episodes", str(iterations * batch), "--eval-every", str(10**9),
+                    "--output-dir", tmp, *extra]
+        start = time.perf_counter()
+        ppo.main()
+        wall = time.perf_counter() - start
+    per_iter = {k: v / iterations for k, v in totals.items() if k not in ("evaluation", "setup")}
+    per_iter["other"] = (wall - sum(totals.values())) / iterations
+    return per_iter
+
+
+def report(per_iter: dict[str, float], title: str) -> None:
+    total = sum(per_iter.values())
+    print(f"\n{title}: {total * 1000:.0f} ms per iteration")
+    for phase, seconds in sorted(per_iter.items(), key=lambda kv: -kv[1]):
+        print(f"  {phase:12s} {seconds * 1000:8.1f} ms  {100 * seconds / total:5.1f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=10, help="iterations to average over")
+    parser.add_argument("--sweep", action="store_true", help="also double the batch and --max-new-tokens")
+    parser.add_argument("extra", nargs="*", help="flags passed to ppo.py (after --)")
+    args = parser.parse_args()
+    instrument()
+    report(profile(args.iterations, args.extra), "ppo.py " + " ".join(args.extra))
+    if args.sweep:
+        d = ppo.Args()
+        rows = []
+        for prompts, tokens in [(d.num_prompts, d.max_new_tokens), (2 * d.num_prompts, d.max_new_tokens),
+                                (4 * d.num_prompts, d.max_new_tokens), (d.num_prompts, 2 * d.max_new_tokens),
+                                (d.num_prompts, 4 * d.max_new_tokens)]:
+            flags = ["--num-prompts", str(prompts), "--max-new-tokens", str(tokens)]
+            per_iter = profile(args.iterations, flags)
+            rows.append((prompts, tokens, sum(per_iter.values())))
+        print("\n| prompts per iteration | --max-new-tokens | ms per iteration | ms per episode |\n|---|---|---|---|")
+        for prompts, tokens, seconds in rows:
+            print(f"| {prompts} | {tokens} | {seconds * 1000:.0f} | {seconds * 1000 / prompts:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
