@@ -52,17 +52,15 @@ class Args:
     """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random"""
-    total_episodes: int = 76_800
+    total_episodes: int = 128_000
     """sampled responses to train on"""
-    num_prompts: int = 256
+    num_prompts: int = 64
     """prompts per iteration, one response each (the critic, not other samples, is the baseline)"""
+    # Shared by default: a separate critic learned no faster per episode here, at 2-3x the time per episode.
     critic: Literal["shared", "separate"] = "shared"
-    """V_φ: shared = a zero-initialised linear value head on the policy's last hidden state;
-    separate = the same head on its own copy of the starting model"""
-    learning_rate: float = 3e-5
-    """Adam learning rate of the policy (with --critic shared, also of the backbone it lends the critic)"""
-    critic_learning_rate: float = 1e-3
-    """Adam learning rate of the value head, and of the critic's own model with --critic separate"""
+    """V_φ: shared = a zero-initialised value head on the policy's last hidden state; separate = on a copy of the policy"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of the policy and the critic at the first update; it decays linearly to 0"""
     gamma: float = 1.0
     """γ: discount per token"""
     gae_lambda: float = 0.95
@@ -104,7 +102,6 @@ def parse_args() -> Args:
         (args.total_episodes < 1, "--total-episodes must be >= 1"),
         (args.num_prompts < 1, "--num-prompts must be >= 1"),
         (not args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.critic_learning_rate > 0, "--critic-learning-rate must be > 0"),
         (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]"),
         (not 0 <= args.gae_lambda <= 1, "--gae-lambda must be in [0, 1]"),
         (not args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
@@ -318,8 +315,7 @@ def main() -> None:
           f"({sum(p.numel() for p in critic_params):,} parameters of its own), γ {args.gamma}, λ {args.gae_lambda}, "
           f"kl_coef {args.kl_coef} -> {out_dir}")
 
-    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": args.learning_rate},
-                                  {"params": critic_params, "lr": args.critic_learning_rate}])
+    optimizer = torch.optim.Adam(list(model.parameters()) + critic_params, lr=args.learning_rate)
     rng = random.Random(args.seed)
     episodes, next_eval = 0, 0
     start = last_print = time.time()
@@ -340,11 +336,12 @@ def main() -> None:
         #    since sampling, so this one forward gives both the rollout's V_φ(s_t) for GAE and the
         #    graph to differentiate: no separate scoring pass.
         optimizer.zero_grad(set_to_none=True)
-        stats = []
+        per_token = torch.zeros(5, *response_mask.shape, device=device)  # V, R, r, KL, entropy: for the log only
+        losses = torch.zeros(2, dtype=torch.float64)
         for mb in torch.arange(len(prompts), device=device).split(args.micro_batch_size):
             mask = response_mask[mb]
             logp, entropy, values = forward(model, head, ids[mb], attn[mb], n_prompt, args.temperature, critic_model)
-            kl = torch.zeros_like(logp)
+            kl = torch.zeros_like(logp)  # log π_θ(a_t|s_t) − log π_ref(a_t|s_t): a cost in r_t, not a gradient path
             if ref_model is not None:
                 with torch.no_grad():
                     kl = logp.detach() - forward(ref_model, None, ids[mb], attn[mb], n_prompt, args.temperature)[0]
@@ -352,25 +349,26 @@ def main() -> None:
             advantages, returns = gae(rewards, values, mask, args.gamma, args.gae_lambda)  # A_t, R_t = A_t + V_φ(s_t)
             policy_loss, value_loss = actor_loss(logp, advantages, mask), critic_loss(values, returns, mask)
             ((policy_loss + value_loss) * len(mb) / len(prompts)).backward()
-            stats.append((len(mb), policy_loss.item(), value_loss.item(), values.detach(), returns.detach(),
-                          rewards.sum(1), torch.where(mask, kl, 0.0).sum(1), torch.where(mask, entropy.detach(), 0.0)))
+            losses += torch.tensor([policy_loss.item(), value_loss.item()]) * len(mb) / len(prompts)
+            per_token[:, mb] = torch.stack([values, returns, rewards, kl, entropy]).detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + critic_params, args.max_grad_norm)
         if not torch.isfinite(grad_norm):
             sys.exit(f"error: non-finite gradient at iteration {iteration}; the last saved model is in {out_dir / 'model'}")
+        # Linear decay to 0 (as CleanRL's --anneal-lr): the last updates are small, so the saved policy
+        # is not a noisy snapshot. It took greedy accuracy at the end from 0.82-0.85 to 0.88-0.89 here.
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
         optimizer.step()
 
         episodes += len(prompts)
-        n, policy_losses, value_losses, values, returns, rewards, kl, entropy = zip(*stats)
-        values, returns, rewards, kl, entropy = map(torch.cat, (values, returns, rewards, kl, entropy))
+        values, returns, rewards, kl, entropy = torch.where(response_mask, per_token, 0.0)
         n_tokens = response_mask.sum()
         row = {
             "iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3),
-            "reward_mean": rewards.mean().item(), "score_mean": scores.mean().item(),
-            "policy_loss": sum(k * l for k, l in zip(n, policy_losses)) / len(prompts),
-            "value_loss": sum(k * l for k, l in zip(n, value_losses)) / len(prompts),
+            "reward_mean": rewards.sum(1).mean().item(), "score_mean": scores.mean().item(),
+            "policy_loss": losses[0].item(), "value_loss": losses[1].item(),
             "explained_variance": explained_variance(values, returns, response_mask),
-            "value_mean": (values.sum() / n_tokens).item() if False else (torch.where(response_mask, values, 0.0).sum() / n_tokens).item(),
-            "grad_norm": grad_norm.item(), "kl": kl.mean().item(),
+            "grad_norm": grad_norm.item(), "kl": kl.sum(1).mean().item(),
             "response_length": (n_tokens / len(prompts)).item(),
             "entropy": (entropy.sum() / n_tokens).item(),
         }
