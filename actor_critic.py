@@ -321,6 +321,7 @@ def main() -> None:
     start = last_print = time.time()
     metrics_file = open(out_dir / "metrics.jsonl", "w")
     first_eval = last_eval = evaluate(model, tok, args)
+    save(model, tok, out_dir / "model")  # so a run that stops early always leaves a model behind
     next_eval += args.eval_every
     # Row 0 is the starting policy; its reward_mean is that of the evaluation's sampled responses.
     metrics_file.write(json.dumps({"iteration": 0, "episodes": 0, "seconds": 0.0,
