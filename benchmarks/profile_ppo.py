@@ -6,7 +6,7 @@ each phase calls in timers (ppo.py itself is left untouched):
   generation   sample() during training                 (the KV-cache sampling loop)
   scoring      decode() and reward()                    (tokens -> text -> task score)
   forward      forward() without gradients              (π_old, values, π_ref)
-  update       forward() with gradients, backward() and Adam's step
+  update       forward() with gradients, backward() and Adam's step, each timed apart
   evaluation, setup: evaluate(), and loading, copying and saving models: not part of an iteration
 
 A timer counts time exclusive of the timed calls nested inside it, so nothing is counted twice;
@@ -53,13 +53,13 @@ def instrument() -> None:
     ppo.sample = timed("generation", ppo.sample)
     ppo.decode = timed("scoring", ppo.decode)
     ppo.reward = timed("scoring", ppo.reward)
-    ppo.forward = timed(lambda: "update" if torch.is_grad_enabled() else "forward", ppo.forward)
+    ppo.forward = timed(lambda: "update: forward" if torch.is_grad_enabled() else "forward", ppo.forward)
     ppo.evaluate = timed("evaluation", ppo.evaluate)
     ppo.load_policy = timed("setup", ppo.load_policy)
     ppo.save = timed("setup", ppo.save)
     ppo.copy.deepcopy = timed("setup", ppo.copy.deepcopy)
-    torch.Tensor.backward = timed("update", torch.Tensor.backward)
-    torch.optim.Adam.step = timed("update", torch.optim.Adam.step)
+    torch.Tensor.backward = timed("update: backward", torch.Tensor.backward)
+    torch.optim.Adam.step = timed("update: Adam", torch.optim.Adam.step)
 
 
 def profile(iterations: int, extra: list[str]) -> dict[str, float]:
@@ -82,7 +82,7 @@ def report(per_iter: dict[str, float], title: str) -> None:
     total = sum(per_iter.values())
     print(f"\n{title}: {total * 1000:.0f} ms per iteration")
     for phase, seconds in sorted(per_iter.items(), key=lambda kv: -kv[1]):
-        print(f"  {phase:12s} {seconds * 1000:8.1f} ms  {100 * seconds / total:5.1f}%")
+        print(f"  {phase:18s} {seconds * 1000:8.1f} ms  {100 * seconds / total:5.1f}%")
 
 
 def main() -> None:
