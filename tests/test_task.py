@@ -37,17 +37,27 @@ def test_reward_is_an_exact_match_followed_by_eos_in_every_script(scripts, compl
 
 
 def test_every_script_samples_and_scores_tokens_identically(scripts, policy):
-    """Same seed, same prompts -> the same tokens, masks and log-probs from each script's copy."""
+    """Same seed, same prompts -> the same tokens, masks and texts from each script's copy, and the
+    same per-token log-probs from each script's forward pass. reinforce.token_logprobs is checked
+    against an unpadded log_softmax gather in test_reinforce.py; equality carries that over."""
     model, tok = policy
     prompts = ["1+2=", "99+99=", "40+5="] * 8
     outputs = []
     for module in scripts:
         torch.manual_seed(0)
-        ids, attn, n_prompt, mask = module.sample(model, tok, prompts, 6, 1.0)
+        ids, attn, n_prompt, mask = module.sample(model, tok, prompts, 6, 1.5)
         texts, finished = module.decode(tok, ids[:, n_prompt:], mask)
         outputs.append((ids, attn, n_prompt, mask, texts, finished))
     for other in outputs[1:]:
         assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(outputs[0], other))
+
+    reinforce, actor_critic, ppo = scripts
+    ids, attn, n_prompt, mask = outputs[0][:4]
+    with torch.no_grad():
+        expected = reinforce.token_logprobs(model, ids, attn, n_prompt, 1.5)[0]
+        for logp in (actor_critic.forward(model, None, ids, attn, n_prompt, 1.5)[0],
+                     ppo.forward(model, ids, attn, n_prompt, 1.5)[0]):
+            assert torch.equal(torch.where(mask, logp, 0.0), torch.where(mask, expected, 0.0))
 
 
 def test_sampling_masks_every_token_up_to_and_including_the_first_eos(policy):
