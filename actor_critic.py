@@ -217,10 +217,12 @@ def forward(model, head, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, t
     (the reference model) skips V_φ."""
     kwargs = dict(attention_mask=attn, position_ids=positions(attn), output_hidden_states=head is not None)
     with autocast(ids.device):
-        out = model(input_ids=ids, **kwargs)
+        # Logits only where they predict a response token: with a large vocabulary, the prompt's
+        # logits would be the largest tensor of the step.
+        out = model(input_ids=ids, logits_to_keep=ids.shape[1] - n_prompt + 1, **kwargs)
         # The critic model's logits are never used: computing one position's is almost free.
         critic_out = out if critic_model is None else critic_model(input_ids=ids, logits_to_keep=1, **kwargs)
-    logits = out.logits[:, n_prompt - 1 : -1]  # the logit at t predicts token t + 1
+    logits = out.logits[:, :-1]  # the logit at t predicts token t + 1
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
@@ -315,7 +317,7 @@ def main() -> None:
           f"({sum(p.numel() for p in critic_params):,} parameters of its own), γ {args.gamma}, λ {args.gae_lambda}, "
           f"kl_coef {args.kl_coef} -> {out_dir}")
 
-    optimizer = torch.optim.Adam(list(model.parameters()) + critic_params, lr=args.learning_rate)
+    optimizer = torch.optim.Adam(list(model.parameters()) + critic_params, lr=args.learning_rate, fused=True)  # one kernel for all parameters
     rng = random.Random(args.seed)
     episodes, next_eval = 0, 0
     start = last_print = time.time()

@@ -52,12 +52,12 @@ class Args:
     """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random"""
-    total_episodes: int = 25_600
+    total_episodes: int = 102_400
     """sampled responses to train on"""
     num_prompts: int = 256
     """prompts per iteration, one response each: the batch that the update reuses for several epochs"""
     learning_rate: float = 3e-5
-    """Adam learning rate (policy and critic)"""
+    """Adam learning rate of the policy and the critic at the first iteration; it decays linearly to 0"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
     max_new_tokens: int = 6
@@ -256,11 +256,13 @@ def forward(policy, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, temper
     The critic is the policy itself (value head on the shared backbone) or a separate model."""
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=positions(attn))
     with autocast(ids.device):
-        out = policy(**inputs, output_hidden_states=critic is policy)
+        # Logits only where they predict a response token: with a large vocabulary, the prompt's
+        # logits would be the largest tensor of the step.
+        out = policy(**inputs, output_hidden_states=critic is policy, logits_to_keep=ids.shape[1] - n_prompt + 1)
         if critic is not None:
             hidden = out.hidden_states[-1] if critic is policy else \
                 critic(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # its LM head is unused
-    logits = out.logits[:, n_prompt - 1 : -1]  # the logit at t predicts token t + 1
+    logits = out.logits[:, :-1]  # the logit at t predicts token t + 1
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
@@ -384,7 +386,7 @@ def main() -> None:
           f"minibatches of {minibatch_size}, {args.critic} critic, kl_coef {args.kl_coef}"
           f"{f' -> target {args.kl_target}' if args.kl_target else ''} -> {out_dir}")
 
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)  # one kernel for all parameters
     rng = random.Random(args.seed)
     beta, episodes, next_eval = args.kl_coef, 0, 0
     start = last_print = time.time()
@@ -396,6 +398,10 @@ def main() -> None:
     metrics_file.write(json.dumps({"iteration": 0, "episodes": 0, "seconds": 0.0,
                                    "reward_mean": first_eval["eval_reward_sampled"], **first_eval}) + "\n")
     for iteration in range(1, num_iterations + 1):
+        # Linear decay to 0 (CleanRL's --anneal-lr): the last batches move the policy little, so the
+        # saved model is not a noisy snapshot.
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
         # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
         prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(batch_size)]
         ids, attn, n_prompt, mask = sample(model, tok, prompts, args.max_new_tokens, args.temperature)

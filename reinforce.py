@@ -195,8 +195,11 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, 
     """log π_θ(a_t | s_t) of each response token, [B, T], and the entropy of π_θ(· | s_t), from one
     forward pass with the sampler's attention mask, position ids and temperature."""
     with autocast(ids.device):
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
-    logits = logits[:, n_prompt - 1 : -1]  # the logit at t predicts token t + 1
+        # Logits only where they predict a response token: with a large vocabulary, the prompt's
+        # logits would be the largest tensor of the step.
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn),
+                       logits_to_keep=ids.shape[1] - n_prompt + 1).logits
+    logits = logits[:, :-1]  # the logit at t predicts token t + 1
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
@@ -266,7 +269,7 @@ def main() -> None:
           f"  {num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
           f"{args.samples_per_prompt} samples), baseline {args.baseline}, kl_coef {args.kl_coef} -> {out_dir}")
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all parameters
     rng = random.Random(args.seed)
     running_mean, episodes, next_eval = None, 0, 0
     start = last_print = time.time()

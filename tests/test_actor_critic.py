@@ -213,7 +213,7 @@ def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     _, rows = run_script("actor_critic.py", "--total-episodes", "2560", out_dir=tmp_path)
     first, last = rows[0], rows[-1]
     assert first["episodes"] == 0 and last["episodes"] == 2560
-    assert last["eval_accuracy"] >= first["eval_accuracy"] + 0.1  # 0.492 -> 0.660 here
+    assert last["eval_accuracy"] >= first["eval_accuracy"] + 0.1  # 0.376 -> 0.580 here
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "args.json").exists()
 
 
