@@ -15,9 +15,11 @@ A timer counts time exclusive of the timed calls nested inside it, so nothing is
     python benchmarks/profile_ppo.py                       # ppo.py's defaults, 10 iterations
     python benchmarks/profile_ppo.py --iterations 5 -- --num-prompts 512 --max-new-tokens 12
     python benchmarks/profile_ppo.py --sweep               # iteration cost as batch and length double
+    python benchmarks/profile_ppo.py --ops                 # operators of one minibatch step (torch.profiler)
 """
 
 import argparse
+import random
 import sys
 import tempfile
 import time
@@ -85,12 +87,39 @@ def report(per_iter: dict[str, float], title: str) -> None:
         print(f"  {phase:18s} {seconds * 1000:8.1f} ms  {100 * seconds / total:5.1f}%")
 
 
+def profile_ops(extra: list[str], steps: int = 20) -> None:
+    """The operators behind one minibatch's forward and backward pass in the update, as
+    torch.profiler counts them (self time, so nothing is counted twice)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    sys.argv = ["ppo.py", *extra]
+    args = ppo.parse_args()
+    model, tok = ppo.load_policy(args.model, torch.device("cpu"))
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    rng = random.Random(args.seed)
+    prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(args.num_prompts // args.num_minibatches)]
+    ids, attn, n_prompt, _ = ppo.sample(model, tok, prompts, args.max_new_tokens, args.temperature)
+
+    def step():
+        logp, _, values = ppo.forward(model, ids, attn, n_prompt, args.temperature, model, head)
+        (logp.sum() + values.sum()).backward()
+
+    step()  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"{steps} forward + backward passes of a minibatch {tuple(ids.shape)} of {args.model}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=10, help="iterations to average over")
     parser.add_argument("--sweep", action="store_true", help="also double the batch and --max-new-tokens")
     parser.add_argument("extra", nargs="*", help="flags passed to ppo.py (after --)")
+    parser.add_argument("--ops", action="store_true", help="only list the operators of one minibatch step")
     args = parser.parse_args()
+    if args.ops:
+        return profile_ops(args.extra)
     instrument()
     report(profile(args.iterations, args.extra), "ppo.py " + " ".join(args.extra))
     if args.sweep:

@@ -83,14 +83,16 @@ class TabularPolicy(torch.nn.Module):
             theta = torch.zeros(len(self.index), VOCAB, dtype=torch.float64)
         self.theta = torch.nn.Parameter(theta)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0, **kwargs):
         rows = []
         for seq in input_ids.tolist():
             response = seq[1:]
+            # Prefixes that run past EOS into padding are not states; row 0 stands in (masked anyway).
             rows.append([self.index.get(tuple(response[:t]), 0) for t in range(len(seq))])
         rows = torch.tensor(rows)
         one_hot = torch.nn.functional.one_hot(rows, len(self.index)).to(self.theta.dtype)
-        return SimpleNamespace(logits=self.theta[rows], hidden_states=(one_hot,))
+        logits = self.theta[rows][:, -logits_to_keep:]  # like Hugging Face: the last logits_to_keep (0: all)
+        return SimpleNamespace(logits=logits, hidden_states=(one_hot,))
 
     def prob(self, response: tuple[int, ...]) -> torch.Tensor:
         """π_θ(y) = Π_t π_θ(y_t | y_<t), differentiable in θ."""
