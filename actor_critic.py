@@ -56,7 +56,7 @@ class Args:
     """sampled responses to train on"""
     num_prompts: int = 64
     """prompts per iteration, one response each (the critic, not other samples, is the baseline)"""
-    # Shared by default: a separate critic learned no faster per episode here, at 2-3x the time per episode.
+    # Shared by default: a separate critic learned no faster per episode here, at 1.6x the time per episode.
     critic: Literal["shared", "separate"] = "shared"
     """V_φ: shared = a zero-initialised value head on the policy's last hidden state; separate = on a copy of the policy"""
     learning_rate: float = 1e-4
