@@ -1,4 +1,5 @@
-"""benchmarks/compare.py: the table's arithmetic on synthetic metrics, and a --quick run end to end."""
+"""benchmarks/compare.py: the table's arithmetic on synthetic metrics, and a --quick run end to end;
+benchmarks/critic_ceiling.py on a policy whose true values are known."""
 
 import importlib.util
 import json
@@ -7,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks import compare as C
-from tiny import run_script
+from benchmarks import critic_ceiling
+from tiny import CHECKPOINT, run_script
 
 
 def eval_rows(accuracies, every=512, speed=100.0):
@@ -95,3 +97,11 @@ def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
                "--out-dir", str(tmp_path / "again"))
     assert (tmp_path / "again" / "results.md").read_text() == text
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*")} == written
+
+
+def test_critic_ceiling_is_one_for_a_deterministic_policy():
+    """At a temperature near 0 every rollout from a prefix ends as the sampled response did, so the
+    true V(s_t) is the return itself and explains all of its variance."""
+    tokens, score, ev = critic_ceiling.ceiling(str(CHECKPOINT), n_prompts=32, rollouts=2, temperature=1e-4,
+                                               max_new_tokens=6, seed=0)
+    assert tokens >= 64 and 0 < score < 1 and ev == 1.0
