@@ -6,6 +6,11 @@ continuations sampled from it at the same temperature. The explained variance of
 that V, 1 − Var(R − V)/Var(R) over all response tokens (γ = 1, β = 0: the return of every token
 is the score), is the ceiling for the `explained_variance` a learned critic reports.
 
+It also fits the best linear value head on the policy's last hidden state, V(s_t) = w·h_t + b by
+least squares on 3/4 of the response tokens of --probe-batches fresh batches, and reports the
+explained variance on the other quarter: how much of that ceiling a value head on the shared
+backbone (ppo.py's and actor_critic.py's default critic) could reach at all.
+
     python benchmarks/critic_ceiling.py checkpoints/sft-addition runs/ppo-1-.../model
 """
 
@@ -41,6 +46,29 @@ def ceiling(path: str, n_prompts: int, rollouts: int, temperature: float, max_ne
     return len(r), r.mean().item(), (1 - (r - v).var() / r.var()).item()
 
 
+@torch.no_grad()
+def linear_probe(path: str, batches: int, batch_size: int, temperature: float, max_new_tokens: int, seed: int):
+    """Held-out explained variance of the return by the least-squares linear head on h_t."""
+    torch.manual_seed(seed)
+    model, tok = ppo.load_policy(path, torch.device("cpu"))
+    rng = random.Random(seed)
+    features, returns = [], []
+    for _ in range(batches):
+        prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(batch_size)]
+        ids, attn, n_prompt, mask = ppo.sample(model, tok, prompts, max_new_tokens, temperature)
+        texts, finished = ppo.decode(tok, ids[:, n_prompt:], mask)
+        scores = torch.tensor([ppo.reward(p, c, f) for p, c, f in zip(prompts, texts, finished)])
+        out = model(input_ids=ids, attention_mask=attn, position_ids=ppo.positions(attn), output_hidden_states=True)
+        features.append(out.hidden_states[-1][:, n_prompt - 1 : -1][mask])  # h_t: the state before token t
+        returns.append(scores[:, None].expand_as(mask)[mask])
+    x, r = torch.cat(features).double(), torch.cat(returns).double()
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # the bias b
+    order = torch.randperm(len(x))
+    fit, held_out = order[: 3 * len(x) // 4], order[3 * len(x) // 4 :]
+    w = torch.linalg.lstsq(x[fit], r[fit]).solution
+    return (1 - (r[held_out] - x[held_out] @ w).var() / r[held_out].var()).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="model folders (the embedded tokenizer: one token per character)")
@@ -48,10 +76,14 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=32, help="continuations per prefix")
     parser.add_argument("--temperature", type=float, default=ppo.Args().temperature)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-batches", type=int, default=16, help="batches of --prompts for the linear head (0: skip)")
     args = parser.parse_args()
     for path in args.models:
         tokens, score, ev = ceiling(path, args.prompts, args.rollouts, args.temperature, ppo.Args().max_new_tokens, args.seed)
         print(f"{path}: {tokens} response tokens, mean score {score:.3f}, explained variance of the true V {ev:.3f}")
+        if args.probe_batches:
+            probe = linear_probe(path, args.probe_batches, args.prompts, args.temperature, ppo.Args().max_new_tokens, args.seed)
+            print(f"  best linear head on the last hidden state, held-out explained variance {probe:.3f}")
 
 
 if __name__ == "__main__":
