@@ -25,25 +25,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ppo  # noqa: E402
 
 
+def responses(model, tok, rng: random.Random, n: int, max_new_tokens: int, temperature: float):
+    """One sampled response to each of n training prompts, as ppo.py samples them, and its score."""
+    prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(n)]
+    ids, attn, n_prompt, mask = ppo.sample(model, tok, prompts, max_new_tokens, temperature)
+    texts, finished = ppo.decode(tok, ids[:, n_prompt:], mask)
+    scores = [ppo.reward(p, c, f) for p, c, f in zip(prompts, texts, finished)]
+    return prompts, ids, attn, n_prompt, mask, texts, scores
+
+
+def explained_variance(returns: torch.Tensor, values: torch.Tensor) -> float:
+    return (1 - (returns - values).var() / returns.var()).item()
+
+
 @torch.no_grad()
 def ceiling(path: str, n_prompts: int, rollouts: int, temperature: float, max_new_tokens: int, seed: int):
+    """Response tokens, mean score, and the explained variance of the score by the true V(s_t)."""
     torch.manual_seed(seed)
     model, tok = ppo.load_policy(path, torch.device("cpu"))
-    rng = random.Random(seed)
-    prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(n_prompts)]
-    ids, _, n_prompt, mask = ppo.sample(model, tok, prompts, max_new_tokens, temperature)
-    texts, finished = ppo.decode(tok, ids[:, n_prompt:], mask)
+    prompts, _, _, _, mask, texts, scores = responses(model, tok, random.Random(seed), n_prompts, max_new_tokens,
+                                                      temperature)
     values, returns = [], []
-    for prompt, text, done, length in zip(prompts, texts, finished, mask.sum(1).tolist()):
-        score = ppo.reward(prompt, text, done)
+    for prompt, text, score, length in zip(prompts, texts, scores, mask.sum(1).tolist()):
         for t in range(length):  # the state before response token t: the prompt and t characters
             prefix = text[:t]    # (one character per token with the embedded tokenizer)
             out, _, n, m = ppo.sample(model, tok, [prompt + prefix] * rollouts, max_new_tokens - t, temperature)
             rest, rest_done = ppo.decode(tok, out[:, n:], m)
             values.append(sum(ppo.reward(prompt, prefix + r, d) for r, d in zip(rest, rest_done)) / rollouts)
             returns.append(score)
-    v, r = torch.tensor(values), torch.tensor(returns)
-    return len(r), r.mean().item(), (1 - (r - v).var() / r.var()).item()
+    r = torch.tensor(returns)
+    return len(r), r.mean().item(), explained_variance(r, torch.tensor(values))
 
 
 @torch.no_grad()
@@ -54,19 +65,16 @@ def linear_probe(path: str, batches: int, batch_size: int, temperature: float, m
     rng = random.Random(seed)
     features, returns = [], []
     for _ in range(batches):
-        prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(batch_size)]
-        ids, attn, n_prompt, mask = ppo.sample(model, tok, prompts, max_new_tokens, temperature)
-        texts, finished = ppo.decode(tok, ids[:, n_prompt:], mask)
-        scores = torch.tensor([ppo.reward(p, c, f) for p, c, f in zip(prompts, texts, finished)])
+        _, ids, attn, n_prompt, mask, _, scores = responses(model, tok, rng, batch_size, max_new_tokens, temperature)
         out = model(input_ids=ids, attention_mask=attn, position_ids=ppo.positions(attn), output_hidden_states=True)
         features.append(out.hidden_states[-1][:, n_prompt - 1 : -1][mask])  # h_t: the state before token t
-        returns.append(scores[:, None].expand_as(mask)[mask])
+        returns.append(torch.tensor(scores)[:, None].expand_as(mask)[mask])
     x, r = torch.cat(features).double(), torch.cat(returns).double()
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # the bias b
     order = torch.randperm(len(x))
     fit, held_out = order[: 3 * len(x) // 4], order[3 * len(x) // 4 :]
     w = torch.linalg.lstsq(x[fit], r[fit]).solution
-    return (1 - (r[held_out] - x[held_out] @ w).var() / r[held_out].var()).item()
+    return explained_variance(r[held_out], x[held_out] @ w)
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ token_rewards, actor_loss and critic_loss run on it unchanged, with gae.py, at Î
 
 import math
 import shutil
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from hypothesis import strategies as st
 
 import actor_critic as ac
 from gae import gae
-from tiny import CHECKPOINT, EOS, ROOT, TabularPolicy, all_responses, prefixes, response_batch, run_script, tiny_model
+from tiny import (CHECKPOINT, EOS, ROOT, TabularPolicy, all_responses, assert_one_error_line_before_any_work, exit_message,
+                  prefixes, response_batch, run_script, tiny_model)
 
 RESPONSES, PREFIXES, ACTIONS = all_responses(), prefixes(), (EOS, 1, 2)
 GAMMA = 1.0
@@ -251,12 +251,5 @@ def test_a_copy_alone_with_gae_py_reproduces_the_original_row_for_row(tmp_path):
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
 ])
 def test_bad_input_is_one_error_line_before_any_work(tmp_path, monkeypatch, capsys, flags, message):
-    """In process, for speed: sys.exit("error: ...") is what prints one line on stderr and exits 1.
-    The small budget only keeps a missing check from training for minutes before the test fails."""
     argv = ["actor_critic.py", "--total-episodes", "1", *flags, "--output-dir", str(tmp_path / "run")]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit:
-        ac.main()
-    line = exit.value.code
-    assert isinstance(line, str) and line.startswith("error:") and "\n" not in line and message in line
-    assert capsys.readouterr().err == "" and not (tmp_path / "run").exists()
+    assert_one_error_line_before_any_work(exit_message(monkeypatch, ac.main, argv), message, capsys, tmp_path / "run")

@@ -5,7 +5,6 @@ docstring states the invariant it checks."""
 import json
 import math
 import shutil
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassificatio
 
 import ppo
 from gae import gae
-from tiny import CHECKPOINT, ROOT, TabularPolicy, all_responses, prefixes, response_batch, run_script, tiny_model
+from tiny import (CHECKPOINT, ROOT, TabularPolicy, all_responses, assert_one_error_line_before_any_work, exit_message,
+                  prefixes, response_batch, run_script, tiny_model)
 
 RESPONSES = all_responses()
 finite = st.floats(-5, 5)
@@ -273,12 +273,8 @@ def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
 
 
 # ---- Bad input and a diverging run, in process: they end before any training ----
-def exit_message(monkeypatch, out_dir, *flags) -> str:
-    """main()'s exit message; a small budget first, so that a check that is missing cannot start a long run."""
-    monkeypatch.setattr(sys, "argv", ["ppo.py", *SMALL, *flags, "--output-dir", str(out_dir)])
-    with pytest.raises(SystemExit) as exited:
-        ppo.main()
-    return exited.value.code
+def ppo_exit_message(monkeypatch, out_dir, *flags) -> str:
+    return exit_message(monkeypatch, ppo.main, ["ppo.py", *SMALL, *flags, "--output-dir", str(out_dir)])
 
 
 @pytest.mark.parametrize("flags, names", [
@@ -293,9 +289,8 @@ def exit_message(monkeypatch, out_dir, *flags) -> str:
     (["--reward-model", "/nonexistent/rm"], "/nonexistent/rm"),
 ])
 def test_bad_input_is_one_error_line_before_any_work(monkeypatch, capsys, tmp_path, flags, names):
-    message = exit_message(monkeypatch, tmp_path / "run", *flags)
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message and names in message
-    assert capsys.readouterr().err == "" and not (tmp_path / "run").exists()
+    message = ppo_exit_message(monkeypatch, tmp_path / "run", *flags)
+    assert_one_error_line_before_any_work(message, names, capsys, tmp_path / "run")
 
 
 def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(tmp_path):
@@ -304,5 +299,5 @@ def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(t
 
 
 def test_a_diverging_run_stops_naming_the_iteration(monkeypatch, tmp_path):
-    message = exit_message(monkeypatch, tmp_path, "--learning-rate", "1e30")
+    message = ppo_exit_message(monkeypatch, tmp_path, "--learning-rate", "1e30")
     assert message.startswith("error: non-finite") and "iteration 1;" in message

@@ -2,9 +2,11 @@
 autoregressive policy small enough to enumerate every response it can produce."""
 
 import itertools
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig
 
@@ -119,3 +121,19 @@ def run_script(script: str | Path, *flags: str, out_dir: Path | None = None, cwd
     metrics = out_dir / "metrics.jsonl" if out_dir else None
     rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics and metrics.exists() else []
     return proc, rows
+
+
+# ---- Bad input, in process: faster than a subprocess ----
+def exit_message(monkeypatch, main, argv: list[str]) -> str:
+    """What main() passes to sys.exit with sys.argv = argv: sys.exit("error: ...") is what prints
+    one line on stderr and exits 1. Give argv a small budget, so that a check that is missing
+    cannot start a long run before the test fails."""
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code
+
+
+def assert_one_error_line_before_any_work(message, names: str, capsys, out_dir: Path) -> None:
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message and names in message
+    assert capsys.readouterr().err == "" and not out_dir.exists()
