@@ -15,7 +15,9 @@ before it). An iteration has two phases.
    which stops paying for moving r_t more than ε past 1 in the direction A_t favours, so many steps
    on one batch stay close to the policy that sampled it; the critic regresses V(s_t) on R_t.
 
-    python ppo.py                  # the embedded addition policy, a few minutes on a CPU
+    python ppo.py                               # the embedded addition policy, a few minutes on a CPU
+    torchrun --nproc-per-node 8 ppo.py ...      # the same algorithm, data-parallel over 8 GPUs
+    python ppo.py --resume runs/ppo-1-...       # continue an interrupted run from its last save
     python ppo.py --help
 
 Self-contained on purpose: copy this file and gae.py, then replace `reward` below (or pass
@@ -24,20 +26,24 @@ Self-contained on purpose: copy this file and gae.py, then replace `reward` belo
 
 import contextlib
 import copy
-import io
+import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
+import torch.distributed as dist
 import tyro
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from gae import gae
@@ -51,17 +57,17 @@ class Args:
     model: str = str(HERE / "checkpoints" / "sft-addition")
     """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
     seed: int = 1
-    """seed for the prompts, the sampling and everything else random"""
+    """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
     total_episodes: int = 102_400
     """sampled responses to train on"""
     num_prompts: int = 256
-    """prompts per iteration, one response each: the batch that the update reuses for several epochs"""
+    """prompts per iteration, one response each, over all processes: the batch the update reuses"""
     learning_rate: float = 3e-5
     """Adam learning rate of the policy and the critic at the first iteration; it decays linearly to 0"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
     max_new_tokens: int = 6
-    """longest response; one that has not emitted EOS by then is cut off"""
+    """longest response; one that has not emitted a stop token by then is cut off"""
     temperature: float = 0.5
     """sampling temperature, used identically when computing log-probs"""
     kl_coef: float = 0.0
@@ -71,12 +77,12 @@ class Args:
     kl_horizon: int = 10_000
     """episodes over which the adaptive β can grow or shrink by its clip of 20%"""
     missing_eos_penalty: float = 0.0
-    """subtract this from the score of responses cut off before EOS"""
-    reward_model: Path | None = None
-    """score prompt + response with this local AutoModelForSequenceClassification (one label) instead of `reward`"""
+    """subtract this from the score of responses cut off before a stop token"""
+    reward_model: str | None = None
+    """score prompt + response with this AutoModelForSequenceClassification (one label) instead of `reward`"""
     # Shared by default: a separate critic reached about the same accuracy here (0.984 against 0.978) at 1.8x the time.
     critic: Literal["shared", "separate"] = "shared"
-    """shared: a value head on the policy's backbone; separate: a second model initialised from --model"""
+    """shared: a value head on the policy's backbone; separate: a second backbone initialised from --model"""
     gamma: float = 1.0
     """γ, the discount of GAE"""
     gae_lambda: float = 0.95
@@ -91,34 +97,72 @@ class Args:
     """ε_v: a value prediction earns nothing for moving more than this from V_old"""
     vf_coef: float = 0.1
     """weight of the value loss in the total loss"""
-    micro_batch_size: int = 256
-    """responses per forward/backward pass; gradients accumulate over micro-batches"""
+    micro_batch_size: int = 64
+    """responses per forward/backward pass of the update; gradients accumulate over micro-batches"""
+    inference_batch_size: int = 256
+    """responses per pass without gradients: sampling, π_old, π_ref, V_old, the reward model, evaluation"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
     eval_every: int = 6_400
-    """episodes between evaluations (one also runs before the first update and after the last)"""
-    output_dir: Path | None = None
+    """episodes between evaluations and saves (one also runs before the first update and after the last)"""
+    output_dir: str | None = None
     """where metrics.jsonl, args.json and model/ go (default: runs/ppo-<seed>-<time>)"""
+    resume: str | None = None
+    """continue the run saved in this folder, with its own arguments (give no other flag)"""
     device: str = "auto"
     """auto = cuda when available, else cpu"""
 
 
+def cli_error(argv: list[str]) -> str:
+    """Why tyro rejected argv, in one line. tyro's own message is a box drawn for a terminal, so
+    each flag is parsed again on its own, quietly, and the first that fails is named."""
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
+    groups = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append(token.split("=", 1))
+        elif not groups:
+            return f"unexpected argument {token!r}"
+        else:
+            groups[-1].append(token)
+    for flag, *values in groups:
+        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
+        if field is None:
+            return f"unrecognized flag {flag}"
+        try:
+            tyro.cli(Args, args=[flag, *values], console_outputs=False)
+        except SystemExit:
+            if field.type is bool:
+                return f"{flag} takes no value"
+            kinds = get_args(field.type) or (field.type,)
+            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
+                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
+            )
+            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
+    return "cannot parse " + " ".join(argv)
+
+
 def parse_args() -> Args:
-    """tyro's parser, with its boxed error messages cut down to one line on stderr."""
-    err = io.StringIO()
+    """The command line, checked: bad input ends the run here with one line on stderr."""
+    argv = sys.argv[1:]
     try:
-        with contextlib.redirect_stderr(err):
-            args = tyro.cli(Args)
+        args = tyro.cli(Args, args=argv, console_outputs=bool({"-h", "--help"} & set(argv)))
     except SystemExit as e:
-        if not e.code:
+        if e.code == 0:
             raise  # --help
-        body = []
-        for line in err.getvalue().splitlines()[1:]:
-            if line.strip("│ ").startswith("─"):
-                break
-            body.append(line.strip("│ "))
-        sys.exit("error: " + " ".join(body))
+        sys.exit(f"error: {cli_error(argv)}")
+    if args.resume is not None:
+        saved = Path(args.resume) / "model" / "training_state.pt"
+        if args != Args(resume=args.resume):
+            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
+        if not saved.exists():
+            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
+        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
+        args.output_dir = args.resume
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     flag = lambda name: "--" + name.replace("_", "-")
-    at_least_one = ["total_episodes", "num_prompts", "max_new_tokens", "ppo_epochs", "num_minibatches", "micro_batch_size",
-                    "eval_every"]
+    at_least_one = ["total_episodes", "num_prompts", "max_new_tokens", "ppo_epochs", "num_minibatches"]
+    at_least_one += ["micro_batch_size", "inference_batch_size", "eval_every"]
     positive = ["learning_rate", "max_grad_norm", "temperature", "clip_range", "value_clip_range", "vf_coef"]
     problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
     problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
@@ -126,14 +170,20 @@ def parse_args() -> Args:
         (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
         (args.kl_target is not None and not args.kl_target > 0, "--kl-target must be > 0"),
         (args.kl_target is not None and not args.kl_coef > 0, "--kl-target needs a starting --kl-coef > 0"),
-        (not args.kl_horizon > 0.2 * args.num_prompts, "--kl-horizon must exceed 0.2 x --num-prompts, or β could reach 0"),
+        (not args.kl_horizon > 0.2 * args.num_prompts, "--kl-horizon must exceed 0.2 x --num-prompts, or β can hit 0"),
         (not args.missing_eos_penalty >= 0, "--missing-eos-penalty must be >= 0"),
         (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]"),
         (not 0 <= args.gae_lambda <= 1, "--gae-lambda must be in [0, 1]"),
-        (args.num_prompts % max(args.num_minibatches, 1) != 0,
-         f"--num-minibatches {args.num_minibatches} must divide --num-prompts {args.num_prompts}"),
-        (args.device not in ("auto", "cpu") and not args.device.startswith("cuda"), "--device must be auto, cpu or cuda[:N]"),
-        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA device here"),
+        (
+            args.num_prompts % (args.num_minibatches * world) != 0,
+            f"--num-prompts {args.num_prompts} must split into --num-minibatches {args.num_minibatches}"
+            + (f" over {world} processes" if world > 1 else ""),
+        ),
+        (
+            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
+            "--device must be auto, cpu or cuda",
+        ),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
     ]
     for bad, message in problems:
         if bad:
@@ -143,8 +193,8 @@ def parse_args() -> Args:
 
 # ---- The task: two-digit addition. `reward` is the one piece to replace for your own task. ----
 def reward(prompt: str, completion: str, finished: bool) -> float:
-    """1.0 when the completion, up to its first EOS, is exactly the sum; else 0.0.
-    `finished` is False when the response was cut off before EOS."""
+    """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
+    `finished` is False when the response was cut off before a stop token."""
     a, b = prompt.removesuffix("=").split("+")
     return float(finished and completion == str(int(a) + int(b)))
 
@@ -160,43 +210,75 @@ def prompt_of(a: int, b: int) -> str:
 
 
 # ---- Models, sampling, log-probs and values ----
-def load_policy(name: str, device: torch.device):
-    """Any causal LM and its tokenizer. Tokenizers without a pad token reuse EOS for padding:
-    padding is tracked by masks, never by token id."""
+def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
+    (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
+    (the tokenizer's EOS and those of the generation config) ends up in generation_config.eos_token_id.
+    Tokenizers without a pad token reuse EOS for padding: padding is tracked by masks, never by id."""
     try:
+        config = AutoConfig.from_pretrained(name)
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).to(device)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot load --model {name}: {str(e).splitlines()[0]}")
+        sys.exit(f"error: cannot load {name}: {str(e).splitlines()[0]}")
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):  # one a config does not name
+            module.p = 0.0
+    eos = model.generation_config.eos_token_id
+    stops = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    if not stops:
+        sys.exit(f"error: {name} has no EOS token: a response could never end")
+    model.generation_config.eos_token_id = stops
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.eval()  # dropout off, for good: sampling, scoring and training see one deterministic policy
+    # Log-probs are computed from the LM head applied to the last hidden state (see forward); a model
+    # that changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones.
+    with torch.no_grad():
+        probe = torch.tensor([stops[:1] * 2], device=device)
+        direct = model(input_ids=probe).logits[0, -1].float()
+        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state[0, -1]).float()
+    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
+        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     return model, tok
 
 
-def load_reward_model(path: Path, device: torch.device):
-    """A sequence classifier with one output, read at the last non-pad token of prompt + response."""
+def load_reward_model(path: str, device: torch.device, dtype: torch.dtype):
+    """A sequence classifier with one output and its `score` head on the last hidden state."""
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load --reward-model {path}: {str(e).splitlines()[0]}")
     if model.config.num_labels != 1:
         sys.exit(f"error: --reward-model {path} has {model.config.num_labels} labels; a reward model has 1")
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        sys.exit(f"error: --reward-model {path} has no `score` head on its last hidden state")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.config.pad_token_id = tok.pad_token_id  # the classifier finds each row's last token by it
     return model.eval().requires_grad_(False), tok
 
 
+def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
+    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
+    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
+    return prompt + completion + (tok.eos_token if finished else "")
+
+
 @torch.no_grad()
-def reward_model_scores(model, tok, texts: list[str], micro_batch_size: int) -> torch.Tensor:
-    """The reward model's score of each text. Right padding keeps every real token's position."""
+def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
+    """The reward model's score of each text, read at its own last token: right padding, and the
+    position from the attention mask, not from the pad id (which is EOS for some tokenizers)."""
     scores = []
-    for i in range(0, len(texts), micro_batch_size):
-        enc = tok(texts[i : i + micro_batch_size], return_tensors="pt", padding=True, padding_side="right")
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(model.device)
+        last = enc["attention_mask"].sum(1) - 1
         with autocast(model.device):
-            scores.append(model(**enc.to(model.device)).logits[:, 0].float())
+            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
+            scores.append(model.score(hidden).squeeze(-1).float())
     return torch.cat(scores)
 
 
@@ -209,78 +291,147 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Per row, index i with probability w_i / Σ_j w_j: the first i with c_i ≥ u, c the cumulative
+    sum (float64) and u uniform on (0, c_last]. An entry of weight 0 is never chosen."""
+    c = weights.double().cumsum(-1)
+    u = (1 - torch.rand(len(c), 1, dtype=c.dtype, device=c.device, generator=generator)) * c[:, -1:]
+    return torch.searchsorted(c, u).squeeze(-1)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, generator=None, block: int = 1024) -> torch.Tensor:
+    """One token per row of logits [B, V] from softmax(logits / T), exactly, and overwriting logits to
+    save a copy. The CDF is inverted in two stages, a block of `block` tokens by the blocks' mass, then
+    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry,
+    ten times the cost of the forward pass at 150,000 tokens on a CPU; and one float32 cumulative sum
+    over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
+    p = logits.div_(temperature)
+    p = p.sub_(p.amax(-1, keepdim=True)).exp_()  # softmax without its normaliser, which cancels
+    n, vocab = p.shape[0], p.shape[1]
+    full = vocab - vocab % block  # the last block may be short
+    mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
+    columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
+    within = torch.where(columns < vocab, p.gather(1, columns.clamp(max=vocab - 1)), 0.0)
+    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1)
+
+
 @torch.no_grad()
-def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, greedy: bool = False,
-           generator: torch.Generator | None = None):
-    """Left-padded batch sampling with a KV cache. Returns the token ids [B, P+T], the attention
-    mask [B, P+T], the prompt width P and the response mask [B, T]: 1 on every generated token up
-    to and including EOS, 0 after it. The attention mask is exactly the one training uses."""
-    device = model.device
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-    ids, attn = enc["input_ids"], enc["attention_mask"]
-    step_ids, step_pos, cache = ids, positions(attn), None
-    alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
-    tokens, response_mask = [], []
-    for _ in range(max_new_tokens):
-        with autocast(device):
-            out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, cache=cache, use_cache=True,
-                        logits_to_keep=1)
-        cache, logits = out.cache, out.logits[:, -1].float()
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
-        nxt = torch.where(alive, nxt, tok.pad_token_id)
-        tokens.append(nxt)
-        response_mask.append(alive.clone())  # this token counts, EOS included
-        attn = torch.cat([attn, alive.long()[:, None]], 1)
-        alive &= nxt != tok.eos_token_id
-        if not alive.any():
-            break
-        step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
-    return torch.cat([ids, torch.stack(tokens, 1)], 1), attn, ids.shape[1], torch.stack(response_mask, 1)
+def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
+           generator=None):  # fmt: skip
+    """Left-padded sampling with a KV cache, batch_size prompts at a time. Returns the token ids
+    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the
+    response mask [B, T] (1 on every generated token up to and including the first stop token, 0
+    after it) and whether each response ended on a stop token [B] (False: it was cut off). The stop
+    tokens are generation_config.eos_token_id, where load_policy put the tokenizer's EOS too."""
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    prompt_ids, prompt_attn = enc["input_ids"], enc["attention_mask"]
+    stops = torch.tensor(model.generation_config.eos_token_id, device=model.device)
+    responses = []
+    for ids, attn in zip(prompt_ids.split(batch_size), prompt_attn.split(batch_size)):
+        pos, cache, tokens = positions(attn), None, []
+        alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            with autocast(ids.device):
+                out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1].float()
+            next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
+            tokens.append(torch.where(alive, next_token, tok.pad_token_id))
+            attn = torch.cat([attn, alive.long()[:, None]], 1)
+            alive &= ~torch.isin(next_token, stops)
+            if not alive.any():
+                break
+            ids, pos = next_token[:, None], pos[:, -1:] + 1
+        responses.append(torch.stack(tokens, 1))
+    width = max(r.shape[1] for r in responses)
+    response = torch.cat(
+        [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses]
+    )
+    stopped = torch.isin(response, stops)
+    mask = stopped.cumsum(1) - stopped.long() == 0  # no stop token before t
+    ids, attn = torch.cat([prompt_ids, response], 1), torch.cat([prompt_attn, mask.long()], 1)
+    return ids, attn, prompt_ids.shape[1], mask, stopped.any(1)
 
 
-def decode(tok, ids: torch.Tensor, response_mask: torch.Tensor):
-    """Completion texts up to (not including) EOS, and whether each one finished with EOS."""
-    lengths = response_mask.sum(1).tolist()
-    finished = [n > 0 and row[n - 1] == tok.eos_token_id for row, n in zip(ids.tolist(), lengths)]
-    texts = [tok.decode(row[: n - int(f)], skip_special_tokens=True) for row, n, f in zip(ids.tolist(), lengths, finished)]
-    return texts, finished
+def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> list[str]:
+    """Each completion as sampled, without the stop token that ended it. Special tokens stay: a pad
+    or BOS inside a response is part of what the reward judges, never dropped for free."""
+    lengths = (response_mask.sum(1) - finished.long()).tolist()
+    return [tok.decode(row[:n], skip_special_tokens=False) for row, n in zip(response_ids.tolist(), lengths)]
 
 
-def forward(policy, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float, critic=None,
-            value_head: torch.nn.Module | None = None):
-    """log π(a_t | s_t), the entropy of π(· | s_t) and V(s_t), each [B, T] (V is None without a
-    critic). Sampling, the old, reference and new log-probs all come from here, with the sampler's
-    attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the first step.
-    The critic is the policy itself (value head on the shared backbone) or a separate model."""
-    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=positions(attn))
+LOGITS_PER_CHUNK = 2**25  # 128 MiB in float32: the most of the LM head's output that exists at once
+
+
+def logprob_chunk(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    z = lm_head(hidden)
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
+    log_normaliser = z.logsumexp(-1)
+    with torch.no_grad():  # the entropy is only logged
+        entropy = log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
+    return z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser, entropy  # log π(a|s) = z_a/T − logsumexp
+
+
+def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    """log π(a | s) of each token a [N] after each hidden state h(s) [N, H], and the entropy of π(· | s)
+    [N] without gradient. Rows go through the LM head in chunks, so no [N, V] tensor exists at once;
+    with gradients each chunk is recomputed in the backward pass (checkpointed), so none is kept for it
+    either: with V = 150,000, a float32 [N, V] takes 0.6 MB per token."""
+    rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
+    chunks = [
+        checkpoint(logprob_chunk, lm_head, h, a, temperature, use_reentrant=False)
+        if torch.is_grad_enabled()
+        else logprob_chunk(lm_head, h, a, temperature)
+        for h, a in zip(hidden.split(rows), tokens.split(rows))
+    ]
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+
+def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None):
+    """log π(a_t | s_t) [B, T] of each response token, the entropy of π(· | s_t) [B, T] (no gradient: it is
+    only logged) and, with a value head, V(s_t) [B, T] from the last hidden state of the critic: the
+    policy's own (critic=None) or a separate backbone's (else None). One pass with the sampler's attention
+    mask, position ids and temperature, so π_θ/π_old is exactly 1 before the first step. The log-probs
+    and entropies are 0 on padding."""
+    mask = attn[:, n_prompt:].bool()  # the response mask
+    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
     with autocast(ids.device):
-        # Logits only where they predict a response token: with a large vocabulary, the prompt's
-        # logits would be the largest tensor of the step.
-        out = policy(**inputs, output_hidden_states=critic is policy, logits_to_keep=ids.shape[1] - n_prompt + 1)
-        if critic is not None:
-            hidden = out.hidden_states[-1] if critic is policy else \
-                critic(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # its LM head is unused
-    logits = out.logits[:, :-1]  # the logit at t predicts token t + 1
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    values = None
-    if critic is not None:  # V(s_t) reads the same state as the logit that picks a_t
-        values = value_head(hidden[:, n_prompt - 1 : -1].to(value_head.weight.dtype)).squeeze(-1)
-    return logp, entropy, values
+        hidden = policy.base_model(**inputs).last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:]
+        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature)
+        if critic is not None and value_head is not None:
+            hidden = critic(**inputs).last_hidden_state[:, n_prompt - 1 : -1]
+    values = None if value_head is None else value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
+    unpack = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)
+    return unpack(logp), unpack(entropy), values
+
+
+class PolicyAndCritic(torch.nn.Module):
+    """π_θ and V_φ as one module: what the optimizer steps and what DistributedDataParallel averages."""
+
+    def __init__(self, policy, value_head: torch.nn.Linear, critic=None):
+        super().__init__()
+        self.policy, self.value_head, self.critic = policy, value_head, critic
+
+    def forward(self, ids, attn, n_prompt: int, temperature: float):
+        return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head)
 
 
 # ---- The pieces of PPO. Masks are bool [B, T]; padding may hold anything, NaN included. ----
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ of x over every process (x itself without torch.distributed): batch statistics are global."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum()  # where, not x·mask: NaN·0 = NaN
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_sum(x, mask) / mask.sum()
+    """The mean over the valid entries of every process."""
+    return global_sum(masked_sum(x, mask)) / global_sum(mask.sum())
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -301,10 +452,9 @@ def kl_estimators(logp: torch.Tensor, logp_ref: torch.Tensor):
     return -log_rho, torch.expm1(log_rho) - log_rho
 
 
-def token_rewards(scores: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor,
-                  beta: float) -> torch.Tensor:
+def token_rewards(scores, logp_old: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, beta: float):
     """Each token's reward: −β·log(π_old/π_ref)(a_t | s_t) on every response token, plus the score on the last
-    one: EOS, or the last token of a cut-off response. [B, T], 0 on padding. The penalty per token
+    one: the stop token, or the last token of a cut-off response. [B, T], 0 on padding. The penalty per token
     tells the critic where the divergence happened; the score only exists once the response does."""
     rewards = torch.where(mask, -beta * kl_estimators(logp_old, logp_ref)[0], 0.0)
     last = mask.sum(1) - 1
@@ -334,155 +484,263 @@ def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Te
     return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
 
 
-# ---- Evaluation and saving ----
+def update_minibatch(model, optimizer, minibatch: dict, n_prompt: int, args: Args):
+    """One gradient step on a minibatch (this process's share: a dict of [b, ...] tensors), summed
+    over micro-batches. The loss is the mean over the valid tokens of the whole minibatch, on every
+    process: each token is an action with its own A_t, weighted alike whatever its response's length,
+    so neither the micro-batch size nor the number of processes changes the step. Returns the
+    gradient norm (the step is not taken if it is not finite) and, per micro-batch, the token mask
+    and r_t, A_t and the two losses, for the log."""
+    n_tokens = global_sum(minibatch["mask"].sum())
+    # DistributedDataParallel averages gradients over processes; the loss is a sum over them.
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    micro = [
+        {k: v[i : i + args.micro_batch_size] for k, v in minibatch.items()}
+        for i in range(0, len(minibatch["mask"]), args.micro_batch_size)
+    ]
+    optimizer.zero_grad(set_to_none=True)
+    logged = []
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1 or not isinstance(model, DistributedDataParallel)  # average once, at the end
+        with contextlib.nullcontext() if sync else model.no_sync():
+            logp, _, values = model(mb["ids"], mb["attn"], n_prompt, args.temperature)
+            pg_loss, ratio = policy_loss(logp, mb["logp_old"], mb["advantages"], args.clip_range)
+            vf_loss = value_loss(values, mb["values_old"], mb["returns"], args.value_clip_range)
+            loss = masked_sum(pg_loss, mb["mask"]) + args.vf_coef * masked_sum(vf_loss, mb["mask"])
+            (loss * world / n_tokens).backward()
+        logged.append((mb["mask"], ratio.detach(), mb["advantages"], pg_loss.detach(), vf_loss.detach()))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    return grad_norm, logged
+
+
+# ---- Evaluation, logging and saving ----
+@torch.no_grad()
+def rollout(policy, tok, prompts: list[str], args: Args, model, ref_model, reward_model=None) -> dict:
+    """Phase 1 of an iteration: a response to each prompt from π_old, its score (the reward model's,
+    or `reward`'s) and its gold reward (`reward`'s, the task's own), and π_old, π_ref, V_old and the
+    entropy of π_old on its tokens. `model` is the PolicyAndCritic of `policy`."""
+    size, temperature = args.inference_batch_size, args.temperature
+    ids, attn, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, temperature, size)
+    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    gold = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
+    scores = gold
+    if reward_model is not None:
+        rm, rm_tok = reward_model
+        rm_texts = [reward_model_text(p, c, f, rm_tok) for p, c, f in zip(prompts, texts, finished.tolist())]
+        scores = reward_model_scores(rm, rm_tok, rm_texts, size)
+    batch = dict(ids=ids, attn=attn, mask=mask, scores=scores - args.missing_eos_penalty * ~finished, gold=gold)
+    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
+    passes = [model(ids[c], attn[c], n_prompt, temperature) for c in chunks]
+    batch["logp_old"], batch["entropy"], batch["values_old"] = (torch.cat(x) for x in zip(*passes))
+    batch["logp_ref"] = torch.cat([forward(ref_model, ids[c], attn[c], n_prompt, temperature)[0] for c in chunks])
+    return batch, n_prompt
+
+
+def batch_stats(batch: dict, rewards: torch.Tensor, returns: torch.Tensor) -> dict:
+    """What the log says of a batch of responses, over every process."""
+    mask, n = batch["mask"], global_sum(torch.tensor(len(batch["mask"]), device=batch["mask"].device))
+    kl_k1, kl_k3 = (global_sum(masked_sum(k, mask)) / n for k in kl_estimators(batch["logp_old"], batch["logp_ref"]))
+    var_returns = masked_var(returns, mask)
+    # How much of the return the critic foresaw; undefined when every return is equal.
+    explained = 1 - masked_var(returns - batch["values_old"], mask) / var_returns if var_returns > 0 else None
+    return {
+        "reward_mean": global_sum(masked_sum(rewards, mask)) / n,  # score − β·KL, per response
+        "score_mean": global_sum(batch["scores"].sum()) / n,  # what the policy is trained on
+        "gold_mean": global_sum(batch["gold"].sum()) / n,  # the task's own reward of the same responses
+        "kl": kl_k1,  # KL(π_old‖π_ref) per response, in nats
+        "kl_k3": kl_k3,
+        "entropy": masked_mean(batch["entropy"], mask),
+        "response_length": global_sum(mask.sum()) / n,
+        "explained_variance": explained,
+    }
+
+
+def global_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, dist.ReduceOp.MAX)
+    return x
+
+
+def update_stats(steps: list, grad_norms: list) -> dict:
+    """Token means over every micro-batch of every step of an update, over every process."""
+    mask, ratio, advantages, pg_loss, vf_loss = (torch.cat(x) for x in zip(*(mb for step in steps for mb in step)))
+    first_mask, first_ratio = (torch.cat(x) for x in list(zip(*steps[0]))[:2])
+    return {
+        "policy_loss": masked_mean(pg_loss, mask),
+        "value_loss": masked_mean(vf_loss, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": global_max(ratio[mask].max()),
+        "clip_fraction": masked_mean((pg_loss > -ratio * advantages).float(), mask),  # the clip binds
+        "approx_kl": masked_mean(kl_estimators(torch.zeros_like(ratio), ratio.log())[1], mask),  # KL(π_old‖π_θ)
+        # Before the first step π_θ = π_old, so every r_t of the first minibatch must be 1 up to rounding.
+        "first_minibatch_ratio_error": global_max((first_ratio[first_mask] - 1).abs().max()),
+        "grad_norm": torch.stack(grad_norms).mean(),
+    }
+
+
 @torch.no_grad()
 def evaluate(model, tok, args: Args) -> dict:
     """Greedy exact-match accuracy and mean sampled reward on the fixed 500 evaluation pairs.
     The sampled half draws from its own fixed generator, so evaluating leaves training unchanged."""
     prompts = [prompt_of(a, b) for a, b in EVAL_PAIRS]
-    gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
     result = {}
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
-        scores = []
-        for i in range(0, len(prompts), args.micro_batch_size):
-            chunk = prompts[i : i + args.micro_batch_size]
-            ids, _, n_prompt, mask = sample(model, tok, chunk, args.max_new_tokens, args.temperature, greedy, gen)
-            texts, finished = decode(tok, ids[:, n_prompt:], mask)
-            scores += [reward(p, c, f) for p, c, f in zip(chunk, texts, finished)]
-        result[key] = sum(scores) / len(scores)
+        gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
+        size = args.inference_batch_size
+        ids, _, n_prompt, mask, finished = sample(model, tok, prompts, args.max_new_tokens, args.temperature, size,
+                                                  greedy, gen)  # fmt: skip
+        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        result[key] = sum(map(reward, prompts, texts, finished.tolist())) / len(prompts)
     return result
 
 
-def save(model, tok, path: Path) -> None:
-    """Write to a temporary folder first, so an interrupted save never destroys the previous one."""
-    tmp = path.with_name(path.name + ".tmp")
+def save(model, tok, path: Path, state: dict) -> None:
+    """The policy (loadable with from_pretrained) and, beside it, what --resume needs. Written to a
+    temporary folder first, so an interrupted save never destroys the previous one."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    torch.save(state, tmp / "training_state.pt")
+    if path.exists():
+        path.rename(old)
     tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- Training ----
 def main() -> None:
     args = parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    out_dir = args.output_dir or Path("runs") / f"ppo-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model, tok = load_policy(args.model, device)
-    reward_model = load_reward_model(args.reward_model, device) if args.reward_model else None
-    ref_model = copy.deepcopy(model).requires_grad_(False)  # π_ref, frozen
-    critic = model if args.critic == "shared" else copy.deepcopy(model)
-    value_head = torch.nn.Linear(model.config.hidden_size, 1, device=device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:  # one process per GPU (NCCL), or per share of the CPU (gloo)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    out_dir = Path(args.output_dir or f"runs/ppo-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    torch.manual_seed(args.seed + rank)  # each process samples its own responses
+    # On a GPU the frozen models (π_ref, the reward model) are held in bf16: half the memory, and autocast
+    # computes in bf16 anyway. The trained ones keep float32 weights, which Adam's small steps need.
+    frozen = torch.bfloat16 if cuda else torch.float32
+    ref_model, tok = load_policy(args.model, device, frozen)  # π_ref
+    ref_model.requires_grad_(False)
+    policy, _ = load_policy(str(out_dir / "model") if args.resume else args.model, device)  # π_θ
+    reward_model = load_reward_model(args.reward_model, device, frozen) if args.reward_model else None
+    critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
+    value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)  # V = 0: no prior about rewards
-    params = [*model.parameters(), *value_head.parameters(), *(critic.parameters() if critic is not model else [])]
-    batch_size, minibatch_size = args.num_prompts, args.num_prompts // args.num_minibatches
+    for m in [policy, critic] if args.gradient_checkpointing else []:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PolicyAndCritic(policy, value_head, critic)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
+    batch_size, local_batch = args.num_prompts, args.num_prompts // world
     num_iterations = math.ceil(args.total_episodes / batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "args.json").write_text(json.dumps(asdict(args), default=str, indent=2))
-    print(f"ppo: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}\n"
-          f"  {num_iterations} iterations x {batch_size} episodes, {args.ppo_epochs} epochs x {args.num_minibatches} "
-          f"minibatches of {minibatch_size}, {args.critic} critic, kl_coef {args.kl_coef}"
-          f"{f' -> target {args.kl_target}' if args.kl_target else ''} -> {out_dir}")
+    rng = random.Random(args.seed + rank)
+    beta, done, seconds = args.kl_coef, -1, 0.0  # β, the last iteration done (none), its time
+    if args.resume:  # the state of the last save
+        state = torch.load(out_dir / "model" / "training_state.pt", weights_only=True)
+        if len(state["rng"]) != world:
+            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {world}")
+        beta, done, seconds = state["beta"], state["iteration"], state["seconds"]
+        value_head.load_state_dict(state["value_head"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+        optimizer.load_state_dict(state["optimizer"])
+        python_rng, torch_rng, cuda_rng = state["rng"][rank]
+        rng.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_rng, device)
+    trainable = DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        rows = (out_dir / "metrics.jsonl").read_text().splitlines() if args.resume else []
+        metrics_file = open(out_dir / "metrics.jsonl", "w")  # rows after the last save will be done again
+        metrics_file.writelines(row + "\n" for row in rows if json.loads(row)["iteration"] <= done)
+        print(
+            f"ppo: {args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), {world} x {device}\n"
+            f"  {num_iterations} iterations x {batch_size} episodes, {args.ppo_epochs} epochs x "
+            f"{args.num_minibatches} minibatches, {args.critic} critic, kl_coef {args.kl_coef}"
+            + (f" -> target {args.kl_target}" if args.kl_target else "")
+            + (f", resumed after iteration {done}" if args.resume else "")
+            + f" -> {out_dir}"
+        )
 
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)  # one kernel for all parameters
-    rng = random.Random(args.seed)
-    beta, episodes, next_eval = args.kl_coef, 0, 0
-    start = last_print = time.time()
-    metrics_file = open(out_dir / "metrics.jsonl", "w")
-    first_eval = last_eval = evaluate(model, tok, args)
-    save(model, tok, out_dir / "model")  # so a run that stops early always leaves a model behind
-    next_eval += args.eval_every
-    # Row 0 is the starting policy; its reward_mean is that of the evaluation's sampled responses.
-    metrics_file.write(json.dumps({"iteration": 0, "episodes": 0, "seconds": 0.0,
-                                   "reward_mean": first_eval["eval_reward_sampled"], **first_eval}) + "\n")
-    for iteration in range(1, num_iterations + 1):
-        # Linear decay to 0 (CleanRL's --anneal-lr): the last batches move the policy little, so the
-        # saved model is not a noisy snapshot.
-        for group in optimizer.param_groups:
-            group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+    start = last_print = time.time() - seconds
+    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
+    for iteration in range(done + 1, num_iterations + 1):
         # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
-        prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(batch_size)]
-        ids, attn, n_prompt, mask = sample(model, tok, prompts, args.max_new_tokens, args.temperature)
-        texts, finished = decode(tok, ids[:, n_prompt:], mask)
-        if reward_model is not None:
-            scores = reward_model_scores(*reward_model, [p + c for p, c in zip(prompts, texts)], args.micro_batch_size)
-        else:
-            scores = torch.tensor([reward(p, c, f) for p, c, f in zip(prompts, texts, finished)], device=device)
-        scores = scores - args.missing_eos_penalty * ~torch.tensor(finished, device=device)
-        chunks = torch.arange(batch_size, device=device).split(args.micro_batch_size)
-        with torch.no_grad():
-            logp_old, entropy, values_old = (torch.cat(x) for x in zip(*(
-                forward(model, ids[c], attn[c], n_prompt, args.temperature, critic, value_head) for c in chunks)))
-            logp_ref = torch.cat([forward(ref_model, ids[c], attn[c], n_prompt, args.temperature)[0] for c in chunks])
-        rewards = token_rewards(scores, logp_old, logp_ref, mask, beta)
-        advantages, returns = gae(rewards, values_old, mask, args.gamma, args.gae_lambda)  # R_t = A_t + V_t
+        prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(local_batch)]
+        batch, n_prompt = rollout(policy, tok, prompts, args, model, ref_model, reward_model)
+        mask = batch["mask"]
+        rewards = token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], mask, beta)
+        advantages, returns = gae(rewards, batch["values_old"], mask, args.gamma, args.gae_lambda)  # R_t = A_t + V_t
         advantages = whiten(advantages, mask)  # after the returns: the critic's targets keep their scale
 
-        # 2. Update: epochs x shuffled minibatches, one Adam step each, accumulated over micro-batches.
-        # Losses are means over the valid tokens of the minibatch: each token is an action with its
-        # own A_t, weighted alike whatever the length of its response, and a micro-batch adds its
-        # token sum divided by the minibatch's token count, so accumulation equals one big batch.
-        sums, ratio_max, first_ratio_error, grad_norms = {}, 0.0, 0.0, []
-        for epoch in range(args.ppo_epochs):
-            for minibatch in torch.randperm(batch_size, device=device).split(minibatch_size):
-                n_tokens = mask[minibatch].sum()
-                optimizer.zero_grad(set_to_none=True)
-                for mb in minibatch.split(args.micro_batch_size):
-                    m = mask[mb]
-                    logp, _, values = forward(model, ids[mb], attn[mb], n_prompt, args.temperature, critic, value_head)
-                    pg_loss, ratio = policy_loss(logp, logp_old[mb], advantages[mb], args.clip_range)
-                    vf_loss = value_loss(values, values_old[mb], returns[mb], args.value_clip_range)
-                    loss = (masked_sum(pg_loss, m) + args.vf_coef * masked_sum(vf_loss, m)) / n_tokens
-                    loss.backward()
-                    token_stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "ratio_mean": ratio,
-                                   "clip_fraction": pg_loss > -ratio * advantages[mb],  # the clip is active
-                                   "approx_kl": kl_estimators(logp_old[mb], logp)[1]}  # KL(π_old‖π_θ), k3
-                    for key, x in token_stats.items():
-                        sums[key] = sums.get(key, 0.0) + masked_sum(x.detach().float(), m)
-                    ratio_max = max(ratio_max, ratio.detach()[m].max().item())
-                    if not grad_norms:  # no step yet: π_θ = π_old, so r_t must be 1 up to rounding
-                        first_ratio_error = max(first_ratio_error, (ratio.detach()[m] - 1).abs().max().item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        # 2. Update: epochs x shuffled minibatches, one Adam step each. The learning rate decays linearly
+        # to 0 (CleanRL's --anneal-lr), so the last batches move the policy little and the saved model is
+        # not a noisy snapshot. Training mode only matters to gradient checkpointing: dropout is off.
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+        train = {k: batch[k] for k in ("ids", "attn", "mask", "logp_old", "values_old")}
+        train.update(advantages=advantages, returns=returns)
+        steps, grad_norms = [], []
+        trainable.train()
+        for epoch in range(args.ppo_epochs if iteration > 0 else 0):
+            for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
+                grad_norm, logged = update_minibatch(trainable, optimizer, {k: v[idx] for k, v in train.items()},
+                                                     n_prompt, args)  # fmt: skip
                 if not torch.isfinite(grad_norm):
-                    sys.exit(f"error: non-finite gradient at iteration {iteration}; "
-                             f"the last saved model is in {out_dir / 'model'}")
-                optimizer.step()
+                    sys.exit(f"error: non-finite gradient at iteration {iteration}; the last save is in {out_dir}")
+                steps.append(logged)
                 grad_norms.append(grad_norm)
+        trainable.eval()
 
-        episodes += batch_size
-        n_tokens, var_returns = mask.sum(), masked_var(returns, mask)
-        kl_k1, kl_k3 = (masked_sum(k, mask).item() / batch_size for k in kl_estimators(logp_old, logp_ref))
-        row = {
-            "iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3),
-            "reward_mean": (masked_sum(rewards, mask) / batch_size).item(), "score_mean": scores.mean().item(),
-            "kl": kl_k1, "kl_k3": kl_k3, "beta": beta, "entropy": masked_mean(entropy, mask).item(),
-            "response_length": (n_tokens / batch_size).item(), "grad_norm": torch.stack(grad_norms).mean().item(),
-            **{key: (total / (args.ppo_epochs * n_tokens)).item() for key, total in sums.items()},
-            "ratio_max": ratio_max, "first_minibatch_ratio_error": first_ratio_error,
-            # undefined (None) when every return is equal
-            "explained_variance": (1 - masked_var(returns - values_old, mask) / var_returns).item() if var_returns > 0 else None,
-        }
+        # 3. Log, adapt β, evaluate and save (rank 0; the others wait, so a save is never half-written).
+        episodes = iteration * batch_size
+        row = {"iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3), "beta": beta}
+        row.update(batch_stats(batch, rewards, returns), **(update_stats(steps, grad_norms) if steps else {}))
+        row = {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
         if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
-            beta = adaptive_kl_coef(beta, kl_k1, args.kl_target, batch_size, args.kl_horizon)
-        if episodes >= next_eval or iteration == num_iterations:
-            last_eval = evaluate(model, tok, args)
-            row.update(last_eval)
-            next_eval += args.eval_every
-            save(model, tok, out_dir / "model")
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        if time.time() - last_print >= 10 or "eval_accuracy" in row or iteration == 1:
+            beta = adaptive_kl_coef(beta, row["kl"], args.kl_target, batch_size, args.kl_horizon)
+        evaluation_due = episodes // args.eval_every > (episodes - batch_size) // args.eval_every
+        if evaluation_due or iteration in (0, num_iterations):
+            rng_state = (rng.getstate(), torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+            rng_states = [rng_state] * world
+            if world > 1:
+                dist.all_gather_object(rng_states, rng_state)
+            if rank == 0:
+                row.update(evaluate(policy, tok, args))
+                state = dict(iteration=iteration, seconds=row["seconds"], beta=beta, rng=rng_states,
+                             value_head=value_head.state_dict(), critic=critic.state_dict() if critic else None,
+                             optimizer=optimizer.state_dict())  # fmt: skip
+                metrics_file.write(json.dumps(row) + "\n")  # before the save: a resume redoes what follows it
+                metrics_file.flush()
+                save(policy, tok, out_dir / "model", state)
+            if world > 1:
+                dist.barrier()
+        elif rank == 0:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        if rank == 0 and (time.time() - last_print >= 10 or "eval_accuracy" in row or iteration == 1):
             last_print = time.time()
-            print(f"iter {iteration:4d}  episodes {episodes:6d}  reward {row['reward_mean']:.3f}  "
-                  f"kl {row['kl']:.3f}  entropy {row['entropy']:.3f}  clip {row['clip_fraction']:.3f}  "
-                  f"expl_var {row['explained_variance'] or 0:.2f}  {episodes / (time.time() - start):.0f} episodes/s"
-                  + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else ""))
-    seconds = time.time() - start
-    print(f"ppo: eval_accuracy {first_eval['eval_accuracy']:.3f} -> {last_eval['eval_accuracy']:.3f} in "
-          f"{seconds:.0f}s, {episodes / seconds:.0f} episodes/s; model saved to {out_dir / 'model'}")
+            print(
+                f"iter {iteration:4d}  episodes {episodes:6d}  reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  "
+                f"entropy {row['entropy']:.3f}  clip {row.get('clip_fraction', 0):.3f}  "
+                f"expl_var {row['explained_variance'] or 0:.2f}  {episodes / (time.time() - start):.0f} episodes/s"
+                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+            )
+    if rank == 0:
+        rows = (out_dir / "metrics.jsonl").read_text().splitlines()
+        first, last = json.loads(rows[0]), json.loads(rows[-1])
+        print(
+            f"ppo: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in {last['seconds']:.0f}s,"
+            f" {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; model saved to {out_dir / 'model'}"
+        )
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
