@@ -27,6 +27,7 @@ Self-contained on purpose: copy this file and gae.py, then replace `reward` belo
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -114,8 +115,8 @@ class Args:
 
 
 def cli_error(argv: list[str]) -> str:
-    """Why tyro rejected argv, in one line. tyro's own message is a box drawn for a terminal, so
-    each flag is parsed again on its own, quietly, and the first that fails is named."""
+    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
+    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
     fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
     groups = []
     for token in argv:
@@ -130,7 +131,8 @@ def cli_error(argv: list[str]) -> str:
         if field is None:
             return f"unrecognized flag {flag}"
         try:
-            tyro.cli(Args, args=[flag, *values], console_outputs=False)
+            with contextlib.redirect_stderr(io.StringIO()):
+                tyro.cli(Args, args=[flag, *values])
         except SystemExit:
             if field.type is bool:
                 return f"{flag} takes no value"
@@ -146,10 +148,11 @@ def parse_args() -> Args:
     """The command line, checked: bad input ends the run here with one line on stderr."""
     argv = sys.argv[1:]
     try:
-        args = tyro.cli(Args, args=argv, console_outputs=bool({"-h", "--help"} & set(argv)))
+        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
+            args = tyro.cli(Args, args=argv)
     except SystemExit as e:
         if e.code == 0:
-            raise  # --help
+            raise  # --help, printed on stdout
         sys.exit(f"error: {cli_error(argv)}")
     if args.resume is not None:
         saved = Path(args.resume) / "model" / "training_state.pt"
@@ -307,7 +310,8 @@ def sample_token(logits: torch.Tensor, temperature: float, generator=None, block
     over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
     p = logits.div_(temperature)
     p = p.sub_(p.amax(-1, keepdim=True)).exp_()  # softmax without its normaliser, which cancels
-    n, vocab = p.shape[0], p.shape[1]
+    n, vocab = p.shape
+    block = min(block, vocab)
     full = vocab - vocab % block  # the last block may be short
     mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
     columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
@@ -331,8 +335,9 @@ def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: flo
         pos, cache, tokens = positions(attn), None, []
         alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
+            step = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
             with autocast(ids.device):
-                out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, logits_to_keep=1)
+                out = model(**step, logits_to_keep=1)
             cache, logits = out.cache, out.logits[:, -1].float()
             next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
             tokens.append(torch.where(alive, next_token, tok.pad_token_id))
@@ -630,8 +635,9 @@ def main() -> None:
     critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
     value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)  # V = 0: no prior about rewards
-    for m in [policy, critic] if args.gradient_checkpointing else []:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
+        for m in [m for m in (policy, critic) if m is not None]:
+            m.activation_checkpointing_enable()
     model = PolicyAndCritic(policy, value_head, critic)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
     batch_size, local_batch = args.num_prompts, args.num_prompts // world

@@ -88,28 +88,40 @@ def encode_examples(tok, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         labels.append([-100] * len(prompt) + answer)  # the prompt is given, not predicted
     width = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+    lab = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
     return ids, lab
+
+
+def completion_of(tok, response: list[int]) -> tuple[str, bool]:
+    """A response as the RL scripts read it: the text up to its first EOS (not included), special
+    tokens kept, and whether it reached an EOS at all."""
+    finished = tok.eos_token_id in response
+    return tok.decode(response[: response.index(tok.eos_token_id)] if finished else response), finished
 
 
 @torch.no_grad()
 def greedy_accuracy(model, tok, pairs, max_new_tokens: int = 4) -> float:
-    """Exact-match rate of greedy answers. Prompts are right-aligned (left-padded) with
-    position ids that start at 0 on the first real token, as in the RL scripts."""
+    """Exact-match rate of greedy answers, by the RL scripts' rule (their `reward`: the completion up
+    to EOS is the sum, and EOS came). Prompts are left-padded, with position ids that start at 0 on
+    the first real token, as in the RL scripts."""
     enc = tok([prompt_of(a, b) for a, b in pairs], padding=True, padding_side="left", return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     for _ in range(max_new_tokens):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
         ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-    answers = [tok.decode(row, skip_special_tokens=False) for row in ids[:, enc["input_ids"].shape[1]:]]
-    eos = tok.eos_token
-    return sum(ans.split(eos)[0] == str(a + b) and eos in ans for ans, (a, b) in zip(answers, pairs)) / len(pairs)
+    answers = [completion_of(tok, row) for row in ids[:, enc["input_ids"].shape[1] :].tolist()]
+    return sum(finished and text == str(a + b) for (text, finished), (a, b) in zip(answers, pairs)) / len(pairs)
 
 
 def main(args: Args) -> None:
-    if not 0 < args.target_accuracy <= 1 or args.max_steps < 1 or args.batch_size < 1 or not 0 < args.short_operand_share < 1:
-        sys.exit("error: need 0 < --target-accuracy <= 1, --max-steps >= 1, --batch-size >= 1, 0 < --short-operand-share < 1")
+    if (
+        not (0 < args.target_accuracy <= 1 and 0 < args.short_operand_share < 1)
+        or min(args.max_steps, args.batch_size) < 1
+    ):
+        sys.exit(
+            "error: need 0 < --target-accuracy <= 1, 0 < --short-operand-share < 1, --max-steps and --batch-size >= 1"
+        )
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     tok = make_tokenizer()
@@ -118,7 +130,7 @@ def main(args: Args) -> None:
         activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU as one fused kernel, not eight elementwise ops
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # RL needs a deterministic policy: no dropout
         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    )  # fmt: skip
     model = GPT2LMHeadModel(config)
     print(f"sft: {sum(p.numel() for p in model.parameters()):,} parameters, target accuracy {args.target_accuracy}")
 
@@ -129,13 +141,15 @@ def main(args: Args) -> None:
     val_pairs, train_pairs = pairs[:500], pairs[500:]
     ids, labels = encode_examples(tok, train_pairs)
     short = torch.tensor([min(a, b) < 10 for a, b in train_pairs])  # a one-digit operand sits at other positions
-    weights = torch.where(short, args.short_operand_share / short.sum(), (1 - args.short_operand_share) / (~short).sum())
+    share = args.short_operand_share
+    weights = torch.where(short, share / short.sum(), (1 - share) / (~short).sum())
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     start, step, val_acc = time.time(), 0, 0.0
     while step < args.max_steps and val_acc < args.target_accuracy:
         model.train()
         batch = torch.multinomial(weights.double(), args.batch_size, replacement=True)
-        logits = model(input_ids=ids[batch], attention_mask=(ids[batch] != tok.pad_token_id).long()).logits[:, :-1]  # position t predicts token t+1
+        out = model(input_ids=ids[batch], attention_mask=(ids[batch] != tok.pad_token_id).long())
+        logits = out.logits[:, :-1]  # position t predicts token t + 1
         loss = F.cross_entropy(logits.flatten(0, 1), labels[batch, 1:].flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,8 +166,10 @@ def main(args: Args) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output_dir)
     tok.save_pretrained(args.output_dir)
-    print(f"sft: stopped at step {step}, val_accuracy {val_acc:.3f}, eval_accuracy {eval_acc:.3f}, "
-          f"{time.time() - start:.0f}s -> {args.output_dir}")
+    print(
+        f"sft: stopped at step {step}, val_accuracy {val_acc:.3f}, eval_accuracy {eval_acc:.3f}, "
+        f"{time.time() - start:.0f}s -> {args.output_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -77,24 +77,42 @@ def machine(env: dict) -> str:
     """CPU model, cores and the torch threads and device a run gets (asked of a child with the runs' env)."""
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():  # platform.processor() is often empty or just "x86_64" on Linux
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
+        models = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = models[0] if models else cpu
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # = nproc
-    probe = ("import torch; print(torch.get_num_threads(), torch.__version__, "
-             "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')")
-    threads, version, gpu = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                                           text=True, check=True).stdout.split(maxsplit=2)
-    return (f"{cpu}, {cores} cores (nproc), {gpu.strip()}; torch {version} with {threads} thread(s) per run "
-            f"(OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}); Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+    probe = (
+        "import torch; print(torch.get_num_threads(), torch.__version__, "
+        "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+    )
+    threads, version, gpu = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.split(maxsplit=2)
+    return (
+        f"{cpu}, {cores} cores (nproc), {gpu.strip()}; torch {version} with {threads} thread(s) per run "
+        f"(OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}); Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def run(algo: str, seed: int, run_dir: Path, total_episodes: int, eval_every: int, env: dict) -> float:
     """Run one script to completion, echoing its console and saving it to run_dir/console.log.
     Returns and saves (run_dir/rusage.json) the peak resident memory of its process in MiB."""
-    cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--seed", str(seed), "--total-episodes", str(total_episodes),
-           "--eval-every", str(eval_every), "--output-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        str(ROOT / f"{algo}.py"),
+        "--seed",
+        str(seed),
+        "--total-episodes",
+        str(total_episodes),
+        "--eval-every",
+        str(eval_every),
+        "--output-dir",
+        str(run_dir),
+    ]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "console.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -120,8 +138,11 @@ def load(run_dir: Path) -> dict:
         sys.exit(f"error: no {metrics}; run without --skip-runs first")
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     rusage = run_dir / "rusage.json"
-    return {"rows": rows, "args": json.loads((run_dir / "args.json").read_text()),
-            "peak_rss_mib": json.loads(rusage.read_text())["peak_rss_mib"] if rusage.exists() else None}
+    return {
+        "rows": rows,
+        "args": json.loads((run_dir / "args.json").read_text()),
+        "peak_rss_mib": json.loads(rusage.read_text())["peak_rss_mib"] if rusage.exists() else None,
+    }
 
 
 # ---- Tabulating ----
@@ -142,7 +163,9 @@ def reach_cell(runs: list[dict], threshold: float) -> str:
     if not hits:
         return "—"
     episodes, seconds = (statistics.mean(x) for x in zip(*hits))
-    return f"{episodes:,.0f} ep · {seconds:,.0f} s" + (f" ({len(hits)}/{len(runs)} seeds)" if len(hits) < len(runs) else "")
+    return f"{episodes:,.0f} ep · {seconds:,.0f} s" + (
+        f" ({len(hits)}/{len(runs)} seeds)" if len(hits) < len(runs) else ""
+    )
 
 
 def mean_std(xs: list[float], fmt: str = ".3f") -> str:
@@ -152,15 +175,21 @@ def mean_std(xs: list[float], fmt: str = ".3f") -> str:
 
 def table(results: dict[str, list[dict]]) -> str:
     """One Markdown row per algorithm, aggregated over its seeds' runs."""
-    lines = ["| algorithm | seeds | " + " | ".join(f"to {t} accuracy" for t in THRESHOLDS)
-             + " | final accuracy | episodes/s | peak RSS (MiB) |",
-             "|---|---|" + "---|" * len(THRESHOLDS) + "---|---|---|"]
+    lines = [
+        "| algorithm | seeds | "
+        + " | ".join(f"to {t} accuracy" for t in THRESHOLDS)
+        + " | final accuracy | episodes/s | peak RSS (MiB) |",
+        "|---|---|" + "---|" * len(THRESHOLDS) + "---|---|---|",
+    ]
     for algo, runs in results.items():
         final = [evals(r["rows"])[-1]["eval_accuracy"] for r in runs]
         speed = [r["rows"][-1]["episodes"] / r["rows"][-1]["seconds"] for r in runs]
         peaks = [r["peak_rss_mib"] for r in runs if r["peak_rss_mib"] is not None]
-        lines.append(f"| {algo} | {len(runs)} | " + " | ".join(reach_cell(runs, t) for t in THRESHOLDS)
-                     + f" | {mean_std(final)} | {statistics.mean(speed):,.0f} | {f'{max(peaks):,.0f}' if peaks else '?'} |")
+        lines.append(
+            f"| {algo} | {len(runs)} | "
+            + " | ".join(reach_cell(runs, t) for t in THRESHOLDS)
+            + f" | {mean_std(final)} | {statistics.mean(speed):,.0f} | {f'{max(peaks):,.0f}' if peaks else '?'} |"
+        )
     return "\n".join(lines)
 
 
@@ -168,24 +197,34 @@ def report(results: dict[str, list[dict]], meta: dict, plotted: bool) -> str:
     """results.md: how the runs were made, the table, what its columns mean, and the curves."""
     first = next(iter(results.values()))[0]
     start = statistics.mean(evals(r["rows"])[0]["eval_accuracy"] for runs in results.values() for r in runs)
-    return "\n".join([
-        "# REINFORCE, actor-critic and PPO on two-digit addition", "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}  ",
-        f"Each run: {first['args']['total_episodes']:,} episodes, an evaluation every {first['args']['eval_every']:,} "
-        "episodes, every other flag at the script's default; the runs went one after another.", "",
-        table(results), "",
-        f"- *to X accuracy*: episodes and wall seconds until the eval accuracy (greedy, 500 held-out pairs) "
-        f"first reached X, mean over the seeds that reached it (n/k seeds when not all did; — when none did). "
-        f"The starting checkpoint scores {start:.3f}.",
-        "- *wall seconds*: each script's own `seconds`, since its training loop began, evaluations included, "
-        "start-up and model loading not.",
-        "- *final accuracy*: at the last evaluation, mean ± sample std over seeds.",
-        "- *episodes/s*: total episodes / the last row's `seconds`, mean over seeds; that time includes every "
-        "evaluation but the last, the same number for each algorithm.",
-        "- *peak RSS*: the largest resident memory of a run's process (ru_maxrss from os.wait4), max over seeds.", "",
-        "![eval accuracy against episodes and against wall seconds](curves.png)" if plotted
-        else "(curves.png was not drawn: matplotlib is not installed)", ""])
+    return "\n".join(
+        [
+            "# REINFORCE, actor-critic and PPO on two-digit addition",
+            "",
+            f"Command: `{meta['command']}`  ",
+            f"Machine: {meta['machine']}  ",
+            f"Each run: {first['args']['total_episodes']:,} episodes, an evaluation every "
+            f"{first['args']['eval_every']:,} episodes, every other flag at the script's default; the runs went one "
+            "after another.",
+            "",
+            table(results),
+            "",
+            f"- *to X accuracy*: episodes and wall seconds until the eval accuracy (greedy, 500 held-out pairs) "
+            f"first reached X, mean over the seeds that reached it (n/k seeds when not all did; — when none did). "
+            f"The starting checkpoint scores {start:.3f}.",
+            "- *wall seconds*: each script's own `seconds`, since its training loop began, evaluations included, "
+            "start-up and model loading not.",
+            "- *final accuracy*: at the last evaluation, mean ± sample std over seeds.",
+            "- *episodes/s*: total episodes / the last row's `seconds`, mean over seeds; that time includes every "
+            "evaluation but the last, the same number for each algorithm.",
+            "- *peak RSS*: the largest resident memory of a run's process (ru_maxrss from os.wait4), max over seeds.",
+            "",
+            "![eval accuracy against episodes and against wall seconds](curves.png)"
+            if plotted
+            else "(curves.png was not drawn: matplotlib is not installed)",
+            "",
+        ]
+    )
 
 
 # ---- Plotting ----
@@ -194,6 +233,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> bool:
     (mean over seeds), the seeds' min..max shaded. False, and a line saying so, without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # write files only; no display needed
         import matplotlib.pyplot as plt
     except ImportError:
@@ -208,7 +248,9 @@ def plot(results: dict[str, list[dict]], path: Path) -> bool:
         for ax, key in zip(axes, ("episodes", "seconds")):
             # Point i is the i-th evaluation; on the time axis it sits at the seeds' mean time.
             x = [statistics.mean(c[i][key] for c in curves) for i in range(n)]
-            label = f"{algo} ({len(runs)} seed{'s' * (len(runs) > 1)})" if key == "episodes" else None  # one legend entry
+            label = (
+                f"{algo} ({len(runs)} seed{'s' * (len(runs) > 1)})" if key == "episodes" else None
+            )  # one legend entry
             ax.plot(x, mean, marker="o", markersize=3, color=COLORS[algo], label=label)
             ax.fill_between(x, lo, hi, color=COLORS[algo], alpha=0.2, linewidth=0)
     for ax in axes:
@@ -216,7 +258,9 @@ def plot(results: dict[str, list[dict]], path: Path) -> bool:
             ax.axhline(t, color="grey", linewidth=0.6, linestyle=":")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_formatter("{x:,.0f}")
-    axes[0].set(xlabel="episodes (responses trained on)", ylabel="eval accuracy (greedy, 500 held-out pairs)", ylim=(None, 1))
+    axes[0].set(
+        xlabel="episodes (responses trained on)", ylabel="eval accuracy (greedy, 500 held-out pairs)", ylim=(None, 1)
+    )
     axes[1].set(xlabel="wall seconds (evaluations included)")
     fig.legend(loc="outside lower center", ncols=len(results))  # below the panels: never over a curve
     fig.suptitle("Two-digit addition: mean over seeds, min..max shaded")
@@ -228,15 +272,22 @@ def plot(results: dict[str, list[dict]], path: Path) -> bool:
 def main() -> None:
     args = tyro.cli(Args)
     preset = QUICK if args.quick else FULL
-    seeds, total_episodes, eval_every = (preset[k] if getattr(args, k) is None else getattr(args, k)
-                                         for k in ("seeds", "total_episodes", "eval_every"))
-    for bad, message in [(not args.algos, "--algos needs at least one script"), (not seeds, "--seeds needs at least one seed"),
-                         (total_episodes < 1, "--total-episodes must be >= 1"), (eval_every < 1, "--eval-every must be >= 1"),
-                         (args.threads < 0, "--threads must be >= 0"),
-                         (args.skip_runs and args.runs_dir is None and args.quick, "--skip-runs with --quick needs --runs-dir")]:
+    seeds, total_episodes, eval_every = (
+        preset[k] if getattr(args, k) is None else getattr(args, k) for k in ("seeds", "total_episodes", "eval_every")
+    )
+    for bad, message in [
+        (not args.algos, "--algos needs at least one script"),
+        (not seeds, "--seeds needs at least one seed"),
+        (total_episodes < 1, "--total-episodes must be >= 1"),
+        (eval_every < 1, "--eval-every must be >= 1"),
+        (args.threads < 0, "--threads must be >= 0"),
+        (args.skip_runs and args.runs_dir is None and args.quick, "--skip-runs with --quick needs --runs-dir"),
+    ]:
         if bad:
             sys.exit(f"error: {message}")
-    runs_dir = (args.runs_dir or (Path(tempfile.mkdtemp(prefix="compare-quick-")) if args.quick else HERE / "runs")).resolve()
+    runs_dir = (
+        args.runs_dir or (Path(tempfile.mkdtemp(prefix="compare-quick-")) if args.quick else HERE / "runs")
+    ).resolve()
     out_dir = (args.out_dir or (runs_dir if args.quick else HERE)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {algo: [runs_dir / f"{algo}-{seed}" for seed in seeds] for algo in args.algos}
@@ -249,15 +300,19 @@ def main() -> None:
         meta = {"command": shlex.join(["python", str(shown), *sys.argv[1:]]), "machine": machine(env)}
         runs_dir.mkdir(parents=True, exist_ok=True)
         meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-        print(f"{len(args.algos)} scripts x seeds {' '.join(map(str, seeds))}: {total_episodes:,} episodes each, "
-              f"eval every {eval_every:,}, one run at a time -> {runs_dir}\n{meta['machine']}")
+        print(
+            f"{len(args.algos)} scripts x seeds {' '.join(map(str, seeds))}: {total_episodes:,} episodes each, "
+            f"eval every {eval_every:,}, one run at a time -> {runs_dir}\n{meta['machine']}"
+        )
         # Seed-major order, so that a change in the machine's load over hours hits every algorithm alike.
         for seed in seeds:
             for algo in args.algos:
                 print(f"--- {algo} seed {seed}", flush=True)
                 began = time.time()
                 peak = run(algo, seed, runs_dir / f"{algo}-{seed}", total_episodes, eval_every, env)
-                print(f"--- {algo} seed {seed}: {time.time() - began:.0f}s in all, peak RSS {peak:,.0f} MiB", flush=True)
+                print(
+                    f"--- {algo} seed {seed}: {time.time() - began:.0f}s in all, peak RSS {peak:,.0f} MiB", flush=True
+                )
     unknown = {"command": "(not recorded)", "machine": "(not recorded)"}
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else unknown
 

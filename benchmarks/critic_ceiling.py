@@ -28,9 +28,9 @@ import ppo  # noqa: E402
 def responses(model, tok, rng: random.Random, n: int, max_new_tokens: int, temperature: float):
     """One sampled response to each of n training prompts, as ppo.py samples them, and its score."""
     prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(n)]
-    ids, attn, n_prompt, mask = ppo.sample(model, tok, prompts, max_new_tokens, temperature)
-    texts, finished = ppo.decode(tok, ids[:, n_prompt:], mask)
-    scores = [ppo.reward(p, c, f) for p, c, f in zip(prompts, texts, finished)]
+    ids, attn, n_prompt, mask, finished = ppo.sample(model, tok, prompts, max_new_tokens, temperature, n)
+    texts = ppo.decode(tok, ids[:, n_prompt:], mask, finished)
+    scores = list(map(ppo.reward, prompts, texts, finished.tolist()))
     return prompts, ids, attn, n_prompt, mask, texts, scores
 
 
@@ -43,15 +43,17 @@ def ceiling(path: str, n_prompts: int, rollouts: int, temperature: float, max_ne
     """Response tokens, mean score, and the explained variance of the score by the true V(s_t)."""
     torch.manual_seed(seed)
     model, tok = ppo.load_policy(path, torch.device("cpu"))
-    prompts, _, _, _, mask, texts, scores = responses(model, tok, random.Random(seed), n_prompts, max_new_tokens,
-                                                      temperature)
+    prompts, _, _, _, mask, texts, scores = responses(
+        model, tok, random.Random(seed), n_prompts, max_new_tokens, temperature
+    )
     values, returns = [], []
     for prompt, text, score, length in zip(prompts, texts, scores, mask.sum(1).tolist()):
         for t in range(length):  # the state before response token t: the prompt and t characters
-            prefix = text[:t]    # (one character per token with the embedded tokenizer)
-            out, _, n, m = ppo.sample(model, tok, [prompt + prefix] * rollouts, max_new_tokens - t, temperature)
-            rest, rest_done = ppo.decode(tok, out[:, n:], m)
-            values.append(sum(ppo.reward(prompt, prefix + r, d) for r, d in zip(rest, rest_done)) / rollouts)
+            prefix = text[:t]  # (one character per token with the embedded tokenizer)
+            out, _, n, m, done = ppo.sample(model, tok, [prompt + prefix] * rollouts, max_new_tokens - t, temperature,
+                                            rollouts)  # fmt: skip
+            rest = ppo.decode(tok, out[:, n:], m, done)
+            values.append(sum(ppo.reward(prompt, prefix + r, d) for r, d in zip(rest, done.tolist())) / rollouts)
             returns.append(score)
     r = torch.tensor(returns)
     return len(r), r.mean().item(), explained_variance(r, torch.tensor(values))
@@ -84,13 +86,19 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=32, help="continuations per prefix")
     parser.add_argument("--temperature", type=float, default=ppo.Args().temperature)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--probe-batches", type=int, default=16, help="batches of --prompts for the linear head (0: skip)")
+    parser.add_argument(
+        "--probe-batches", type=int, default=16, help="batches of --prompts for the linear head (0: skip)"
+    )
     args = parser.parse_args()
     for path in args.models:
-        tokens, score, ev = ceiling(path, args.prompts, args.rollouts, args.temperature, ppo.Args().max_new_tokens, args.seed)
+        tokens, score, ev = ceiling(
+            path, args.prompts, args.rollouts, args.temperature, ppo.Args().max_new_tokens, args.seed
+        )
         print(f"{path}: {tokens} response tokens, mean score {score:.3f}, explained variance of the true V {ev:.3f}")
         if args.probe_batches:
-            probe = linear_probe(path, args.probe_batches, args.prompts, args.temperature, ppo.Args().max_new_tokens, args.seed)
+            probe = linear_probe(
+                path, args.probe_batches, args.prompts, args.temperature, ppo.Args().max_new_tokens, args.seed
+            )
             print(f"  best linear head on the last hidden state, held-out explained variance {probe:.3f}")
 
 

@@ -48,6 +48,7 @@ def timed(phase_of, fn):
             totals[phase] += spent - nested
             if _stack:
                 _stack[-1][2] += spent
+
     return wrapper
 
 
@@ -70,8 +71,16 @@ def profile(iterations: int, extra: list[str]) -> dict[str, float]:
     defaults = ppo.Args()
     batch = next((int(extra[i + 1]) for i, a in enumerate(extra) if a == "--num-prompts"), defaults.num_prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        sys.argv = ["ppo.py", "--total-episodes", str(iterations * batch), "--eval-every", str(10**9),
-                    "--output-dir", tmp, *extra]
+        sys.argv = [
+            "ppo.py",
+            "--total-episodes",
+            str(iterations * batch),
+            "--eval-every",
+            str(10**9),
+            "--output-dir",
+            tmp,
+            *extra,
+        ]
         start = time.perf_counter()
         ppo.main()
         wall = time.perf_counter() - start
@@ -90,17 +99,19 @@ def report(per_iter: dict[str, float], title: str) -> None:
 def profile_ops(extra: list[str], steps: int = 20) -> None:
     """The operators behind one minibatch's forward and backward pass in the update, as
     torch.profiler counts them (self time, so nothing is counted twice)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     sys.argv = ["ppo.py", *extra]
     args = ppo.parse_args()
     model, tok = ppo.load_policy(args.model, torch.device("cpu"))
     head = torch.nn.Linear(model.config.hidden_size, 1)
     rng = random.Random(args.seed)
     prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(args.num_prompts // args.num_minibatches)]
-    ids, attn, n_prompt, _ = ppo.sample(model, tok, prompts, args.max_new_tokens, args.temperature)
+    ids, attn, n_prompt, *_ = ppo.sample(model, tok, prompts, args.max_new_tokens, args.temperature, len(prompts))
 
     def step():
-        logp, _, values = ppo.forward(model, ids, attn, n_prompt, args.temperature, model, head)
+        logp, _, values = ppo.forward(model, ids, attn, n_prompt, args.temperature, value_head=head)
         (logp.sum() + values.sum()).backward()
 
     step()  # warm-up
@@ -125,9 +136,13 @@ def main() -> None:
     if args.sweep:
         d = ppo.Args()
         rows = []
-        for prompts, tokens in [(d.num_prompts, d.max_new_tokens), (2 * d.num_prompts, d.max_new_tokens),
-                                (4 * d.num_prompts, d.max_new_tokens), (d.num_prompts, 2 * d.max_new_tokens),
-                                (d.num_prompts, 4 * d.max_new_tokens)]:
+        for prompts, tokens in [
+            (d.num_prompts, d.max_new_tokens),
+            (2 * d.num_prompts, d.max_new_tokens),
+            (4 * d.num_prompts, d.max_new_tokens),
+            (d.num_prompts, 2 * d.max_new_tokens),
+            (d.num_prompts, 4 * d.max_new_tokens),
+        ]:
             flags = ["--num-prompts", str(prompts), "--max-new-tokens", str(tokens)]
             per_iter = profile(args.iterations, flags)
             rows.append((prompts, tokens, sum(per_iter.values())))

@@ -64,8 +64,10 @@ def test_mean_std_is_the_sample_std_and_only_the_mean_for_one_seed():
 
 
 def test_table_has_one_row_per_algorithm_with_final_accuracy_speed_and_peak_memory():
-    results = {"reinforce": [run_of([0.49, 0.9], peak=600), run_of([0.49, 0.7], peak=650)],
-               "ppo": [{**run_of([0.49, 0.8]), "peak_rss_mib": None}]}
+    results = {
+        "reinforce": [run_of([0.49, 0.9], peak=600), run_of([0.49, 0.7], peak=650)],
+        "ppo": [{**run_of([0.49, 0.8]), "peak_rss_mib": None}],
+    }
     lines = C.table(results).splitlines()
     assert len(lines) == 2 + len(results)
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
@@ -77,11 +79,14 @@ def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     proc, _ = run_script("benchmarks/compare.py", "--quick", "--runs-dir", str(runs), "--out-dir", str(out))
     text = (out / "results.md").read_text()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| algorithm")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| algorithm")
+    }
     assert set(rows) == set(C.ALGOS)
     for algo, cells in rows.items():
-        metrics = [json.loads(l) for l in (runs / f"{algo}-1" / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (runs / f"{algo}-1" / "metrics.jsonl").read_text().splitlines()]
         final = [r["eval_accuracy"] for r in metrics if "eval_accuracy" in r][-1]
         assert cells[0] == "1" and cells[4] == f"{final:.3f}"
         assert float(cells[5].replace(",", "")) > 0 and float(cells[6].replace(",", "")) > 50  # episodes/s, MiB
@@ -93,8 +98,9 @@ def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
 
     # --skip-runs re-reads the same runs, so it writes the same report without running anything.
     written = {p: p.stat().st_mtime_ns for p in runs.rglob("*")}
-    run_script("benchmarks/compare.py", "--quick", "--skip-runs", "--runs-dir", str(runs),
-               "--out-dir", str(tmp_path / "again"))
+    run_script(
+        "benchmarks/compare.py", "--quick", "--skip-runs", "--runs-dir", str(runs), "--out-dir", str(tmp_path / "again")
+    )
     assert (tmp_path / "again" / "results.md").read_text() == text
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*")} == written
 
@@ -102,6 +108,7 @@ def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
 def test_critic_ceiling_is_one_for_a_deterministic_policy():
     """At a temperature near 0 every rollout from a prefix ends as the sampled response did, so the
     true V(s_t) is the return itself and explains all of its variance."""
-    tokens, score, ev = critic_ceiling.ceiling(str(CHECKPOINT), n_prompts=32, rollouts=2, temperature=1e-4,
-                                               max_new_tokens=6, seed=0)
+    tokens, score, ev = critic_ceiling.ceiling(
+        str(CHECKPOINT), n_prompts=32, rollouts=2, temperature=1e-4, max_new_tokens=6, seed=0
+    )
     assert tokens >= 64 and 0 < score < 1 and ev == 1.0

@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.autograd.functional import jacobian
 from torch.testing import assert_close
 
@@ -19,9 +20,11 @@ unit = st.one_of(st.just(0.0), st.just(1.0), st.floats(0, 1))  # γ and λ, both
 garbage = st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -1e30])
 
 
-def tensors(shape, elements=st.floats(-10, 10)):
+def tensors(shape, elements=None):
+    elements = st.floats(-10, 10) if elements is None else elements
     return st.lists(elements, min_size=math.prod(shape), max_size=math.prod(shape)).map(
-        lambda xs: torch.tensor(xs, dtype=torch.float64).reshape(shape))
+        lambda xs: torch.tensor(xs, dtype=torch.float64).reshape(shape)
+    )
 
 
 @st.composite
@@ -130,7 +133,7 @@ def test_padding_garbage_never_reaches_the_result(gae_fn, batch, data, gamma, la
     for k in range(2):
         assert torch.equal(dirty[k], clean[k])
         assert (dirty[k][pad] == 0).all()
-        alone = lambda r, v: gae_fn(r[None], v[None], torch.ones(1, len(r)), gamma, lam)[k][0]
+        alone = lambda r, v, k=k: gae_fn(r[None], v[None], torch.ones(1, len(r)), gamma, lam)[k][0]
         assert_close(clean[k], per_row(alone, mask, r, v), rtol=1e-12, atol=1e-12)
 
 
@@ -144,7 +147,7 @@ def test_rows_are_independent(gae_fn, batch, data, gamma, lam):
     for out, permuted in zip(outs, gae_fn(*(x[perm] for x in batch), gamma, lam)):
         assert torch.equal(out[perm], permuted)
     i, row = data.draw(st.integers(0, B - 1)), data.draw(batches(B=1, T=T))
-    changed = [torch.cat([x[:i], new.to(x.dtype), x[i + 1:]]) for x, new in zip(batch, row)]
+    changed = [torch.cat([x[:i], new.to(x.dtype), x[i + 1 :]]) for x, new in zip(batch, row)]
     keep = torch.arange(B) != i
     for out, new_out in zip(outs, gae_fn(*changed, gamma, lam)):
         assert torch.equal(out[keep], new_out[keep])

@@ -2,7 +2,7 @@
 adaptive KL controller checked as properties; then the script end to end. Each test's name or
 docstring states the invariant it checks."""
 
-import json
+import copy
 import math
 import shutil
 
@@ -15,8 +15,20 @@ from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassificatio
 
 import ppo
 from gae import gae
-from tiny import (CHECKPOINT, ROOT, TabularPolicy, all_responses, assert_one_error_line_before_any_work, exit_message,
-                  prefixes, response_batch, run_script, tiny_model)
+from tiny import (
+    CHECKPOINT,
+    ROOT,
+    TabularPolicy,
+    all_responses,
+    assert_one_error_line_before_any_work,
+    exit_message,
+    prefixes,
+    response_batch,
+    run_main,
+    run_script,
+    tiny_model,
+    without_seconds,
+)
 
 RESPONSES = all_responses()
 finite = st.floats(-5, 5)
@@ -67,10 +79,13 @@ def test_clipped_gradient_is_zero_where_the_clip_binds_and_unclipped_elsewhere(b
 
 
 @given(ratios_and_advantages(), clip_ranges)
-def test_clipped_objective_never_exceeds_the_unclipped_one(batch, eps):
-    """min(r·A, clip(r)·A) ≤ r·A: the clipped objective is a pessimistic bound."""
+def test_clipped_objective_is_min_r_1_plus_eps_for_a_good_action_and_max_r_1_minus_eps_for_a_bad_one(batch, eps):
+    """By cases, −loss = min(r, 1 + ε)·A where A > 0 and max(r, 1 − ε)·A where A < 0: the objective stops
+    rising once r passes the clip in the direction A favours, and never exceeds the unclipped r·A."""
     log_r, advantages = batch
     loss, ratio = ppo.policy_loss(log_r, torch.zeros_like(log_r), advantages, eps)
+    by_cases = torch.where(advantages > 0, ratio.clamp(max=1 + eps), ratio.clamp(min=1 - eps)) * advantages
+    assert_close(-loss, by_cases, rtol=1e-12, atol=1e-12)
     assert (-loss <= ratio * advantages).all()
 
 
@@ -187,28 +202,89 @@ def tiny_reward_model(path, pad_token: bool):
     if not pad_token:
         tok.pad_token = None
     config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32, num_labels=1,
-                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
     torch.manual_seed(0)
     GPT2ForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-@pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "no-pad"])
+def score_alone(model, tok, text: str) -> float:
+    """The reward model's score of one text, unpadded: its output at the text's last position."""
+    with torch.no_grad():
+        return model.score(model.base_model(**tok([text], return_tensors="pt")).last_hidden_state[0, -1]).item()
+
+
+@pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "no-pad: EOS pads"])
 def test_reward_model_scores_the_last_token_whatever_the_padding(tmp_path, pad_token):
-    """A batch of texts of different lengths scores each text as if it were alone: the score is read
-    at its own last token, not at padding."""
-    model, tok = ppo.load_reward_model(tiny_reward_model(tmp_path, pad_token), torch.device("cpu"))
-    texts = ["1+2=3", "12+34=46", "9+9=", "99+99=198"]
-    batched = ppo.reward_model_scores(model, tok, texts, micro_batch_size=3)
-    alone = torch.cat([model(**tok([t], return_tensors="pt")).logits[:, 0] for t in texts])
-    assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    """In a batch of texts of different lengths, some ending on EOS, each text scores as it does alone:
+    read at its own last token, not at padding, even where the pad token is EOS."""
+    model, tok = ppo.load_reward_model(str(tiny_reward_model(tmp_path, pad_token)), torch.device("cpu"), torch.float32)
+    texts = ["1+2=3", "12+34=46<eos>", "9+9=", "99+99=198<eos>", "5+5=1<pad>0<eos>"]
+    batched = ppo.reward_model_scores(model, tok, texts, batch_size=3)
+    assert_close(batched, torch.tensor([score_alone(model, tok, t) for t in texts]), rtol=1e-5, atol=1e-6)
     assert batched.unique().numel() == len(texts)
 
 
+# ---- Micro-batches, and the value each token's state gets ----
+@pytest.fixture(scope="module")
+def gpt2_64(tmp_path_factory):
+    """A tiny float64 GPT-2 policy, loaded as the script loads one."""
+    return ppo.load_policy(str(tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2")), torch.device("cpu"), torch.float64)
+
+
+def random_minibatch(policy, tok, n: int, seed: int = 0):
+    """n sampled responses with random advantages, returns and old values: what update_minibatch takes."""
+    torch.manual_seed(seed)
+    ids, attn, n_prompt, mask, _ = ppo.sample(policy, tok, [f"{i}+{2 * i}=" for i in range(n)], 4, 1.0, n)
+    with torch.no_grad():
+        logp_old = ppo.forward(policy, ids, attn, n_prompt, 1.0)[0]
+    noise = lambda: torch.randn(mask.shape, dtype=torch.float64)
+    batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, values_old=noise(), advantages=noise())
+    return batch | {"returns": noise()}, n_prompt
+
+
+def update_params(policy, minibatches, n_prompt, **flags):
+    """The parameters of a copy of policy + a fresh value head after one update_minibatch per minibatch."""
+    head = torch.nn.Linear(policy.config.hidden_size, 1).double()
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    model = ppo.PolicyAndCritic(copy.deepcopy(policy), head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    args = ppo.Args(temperature=1.0, **flags)
+    for minibatch in minibatches:
+        ppo.update_minibatch(model.train(), optimizer, minibatch, n_prompt, args)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_micro_batching_leaves_the_same_parameters(gpt2_64):
+    """Two steps of PPO on minibatches of 8 responses, accumulated over micro-batches of 1, 3 or 8:
+    the same parameters to 1e-10 in float64. Each micro-batch adds its token sum divided by the
+    minibatch's token count, so accumulation equals one pass over the minibatch."""
+    policy, tok = gpt2_64
+    batch, n_prompt = random_minibatch(policy, tok, 16)
+    minibatches = [{k: v[i : i + 8] for k, v in batch.items()} for i in (0, 8)]
+    whole = update_params(policy, minibatches, n_prompt, micro_batch_size=8)
+    for size in (1, 3):
+        assert_close(update_params(policy, minibatches, n_prompt, micro_batch_size=size), whole, rtol=0, atol=1e-10)
+    assert (whole - update_params(policy, [], n_prompt)).abs().max() > 1e-4  # the steps did move the parameters
+
+
+@given(tensors(len(prefixes())))
+def test_values_are_read_at_the_state_before_each_token(table):
+    """V(s_t) sits where the log-prob of a_t sits: with a one-hot hidden state, a linear value head is a
+    table V[s], and forward's value at response position t is V[y_<t], the state a_t was chosen in."""
+    policy, (ids, attn, n_prompt, _) = TabularPolicy(), response_batch(RESPONSES)
+    head = torch.nn.Linear(len(prefixes()), 1).double()
+    with torch.no_grad():
+        head.weight.copy_(table[None]), head.bias.zero_()
+        values = ppo.forward(policy, ids, attn, n_prompt, 1.0, value_head=head)[2]
+    for i, y in enumerate(RESPONSES):
+        assert values[i, : len(y)].tolist() == [table[policy.index[y[:t]]].item() for t in range(len(y))]
+
+
 # ---- End to end ----
-SMALL = ("--num-prompts", "16", "--num-minibatches", "2", "--ppo-epochs", "2", "--max-new-tokens", "4",
-         "--total-episodes", "32", "--eval-every", "1000000")
+SMALL = "--num-prompts 16 --num-minibatches 2 --ppo-epochs 2 --max-new-tokens 4 --total-episodes 32".split()
+SMALL += ["--eval-every", "1000000"]
 
 
 def training_rows(rows: list[dict], episodes: int = 32, batch: int = 16) -> list[dict]:
@@ -221,14 +297,10 @@ def training_rows(rows: list[dict], episodes: int = 32, batch: int = 16) -> list
 
 @pytest.fixture(scope="module")
 def dropout_models(tmp_path_factory):
-    """Tiny models whose configs switch dropout on: only model.eval() everywhere keeps π_θ = π_old."""
-    def make(arch, pad_token):
-        path = tiny_model(tmp_path_factory.mktemp(arch), arch, pad_token=pad_token)
-        config = json.loads((path / "config.json").read_text())
-        config.update({k: 0.5 for k in config if k.endswith(("pdrop", "dropout"))})
-        (path / "config.json").write_text(json.dumps(config))
-        return path
-    return {"gpt2": make("gpt2", True), "llama": make("llama", False)}
+    """Tiny models whose configs switch dropout on, which the update's training mode would apply if
+    load_policy did not switch it off."""
+    return {arch: tiny_model(tmp_path_factory.mktemp(arch), arch, pad_token=arch == "gpt2", dropout=0.5)
+            for arch in ("gpt2", "llama")}  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"], ids=["gpt2", "llama-without-pad-token"])
@@ -236,25 +308,35 @@ def test_first_minibatch_ratio_is_one_on_tiny_architectures(tmp_path, dropout_mo
     """π_θ/π_old = 1 within 1e-6 in float32 before the first step of every iteration (same forward,
     mask, positions, temperature, no dropout), and the later steps do move it. A random model
     rarely emits EOS, so --missing-eos-penalty gives its responses different scores."""
-    _, rows = run_script("ppo.py", "--model", str(dropout_models[arch]), *SMALL, "--temperature", "0.7",
-                         "--learning-rate", "1e-3", "--kl-coef", "0.1", "--missing-eos-penalty", "1", out_dir=tmp_path)
+    flags = "--temperature 0.7 --learning-rate 1e-3 --kl-coef 0.1 --missing-eos-penalty 1".split()
+    _, rows = run_script("ppo.py", "--model", str(dropout_models[arch]), *SMALL, *flags, out_dir=tmp_path)
     for row in training_rows(rows):
         assert row["first_minibatch_ratio_error"] <= 1e-6 and row["ratio_max"] > 1 + 1e-4
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "args.json").exists()
 
 
-def test_reward_model_flag_trains_on_the_reward_models_scores(tmp_path):
-    """Scores from a random reward model are not multiples of 1/16, as the task's 0/1 rewards would be."""
-    rm = tiny_reward_model(tmp_path / "rm", pad_token=True)
-    _, rows = run_script("ppo.py", "--reward-model", str(rm), *SMALL, out_dir=tmp_path / "run")
-    assert any(row["score_mean"] * 16 % 1 != 0 for row in training_rows(rows))
+def test_the_reward_model_scores_each_response_as_it_scores_it_alone(tmp_path, monkeypatch):
+    """Every batch the reward model scores in a run (prompt + completion as sampled + EOS if it
+    stopped, right-padded) gets, text by text, the score the reward model gives that text alone; the
+    logged score_mean is their mean and gold_mean is the task's reward of the same responses."""
+    rm = tiny_reward_model(tmp_path / "rm", pad_token=False)  # EOS pads: the case where reading by pad id fails
+    scored, score = [], ppo.reward_model_scores
+    monkeypatch.setattr(ppo, "reward_model_scores", lambda *a: scored.append((a[2], score(*a))) or scored[-1][1])
+    rows = run_main(ppo, "--reward-model", str(rm), *SMALL, "--output-dir", str(tmp_path / "run"))
+    model, tok = ppo.load_reward_model(str(rm), torch.device("cpu"), torch.float32)
+    assert len(scored) == len(rows) and any(t.endswith("<eos>") for texts, _ in scored for t in texts)
+    for (texts, scores), row in zip(scored, rows):
+        assert_close(scores, torch.tensor([score_alone(model, tok, t) for t in texts]), rtol=1e-5, atol=1e-6)
+        assert row["score_mean"] == pytest.approx(scores.mean().item(), abs=1e-6)
+        assert 0 <= row["gold_mean"] <= 1 and row["gold_mean"] * 16 % 1 == 0
 
 
 def test_runs_copied_alone_with_gae(tmp_path):
     for name in ("ppo.py", "gae.py"):
         shutil.copy(ROOT / name, tmp_path / name)
-    _, rows = run_script(tmp_path / "ppo.py", "--model", str(CHECKPOINT), *SMALL, out_dir=tmp_path / "run",
-                         cwd=tmp_path)
+    _, rows = run_script(
+        tmp_path / "ppo.py", "--model", str(CHECKPOINT), *SMALL, out_dir=tmp_path / "run", cwd=tmp_path
+    )
     training_rows(rows)
 
 
@@ -262,8 +344,7 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
     """Row for row apart from `seconds`, with a separate critic and an adaptive β that does move."""
     flags = (*SMALL, "--critic", "separate", "--kl-coef", "0.1", "--kl-target", "0.01", "--kl-horizon", "100")
     runs = [run_script("ppo.py", *flags, out_dir=tmp_path / str(i))[1] for i in range(2)]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert strip(runs[0]) == strip(runs[1])
+    assert without_seconds(runs[0]) == without_seconds(runs[1])
     assert len({row["beta"] for row in training_rows(runs[0])}) == 2
 
 
@@ -280,14 +361,14 @@ def ppo_exit_message(monkeypatch, out_dir, *flags) -> str:
 @pytest.mark.parametrize("flags, names", [
     (["--clip-range", "-0.1"], "--clip-range"),
     (["--value-clip-range", "0"], "--value-clip-range"),
-    (["--num-prompts", "10", "--num-minibatches", "4"], "--num-minibatches 4 must divide --num-prompts 10"),
+    (["--num-prompts", "10", "--num-minibatches", "4"], "--num-prompts 10 must split into --num-minibatches 4"),
     (["--gae-lambda", "1.5"], "--gae-lambda"),
     (["--kl-target", "6"], "--kl-coef"),
-    (["--critic", "both"], "critic"),
+    (["--critic", "both"], "--critic expects one of shared, separate, got 'both'"),
     (["--no-such-flag", "1"], "no-such-flag"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--reward-model", "/nonexistent/rm"], "/nonexistent/rm"),
-])
+])  # fmt: skip
 def test_bad_input_is_one_error_line_before_any_work(monkeypatch, capsys, tmp_path, flags, names):
     message = ppo_exit_message(monkeypatch, tmp_path / "run", *flags)
     assert_one_error_line_before_any_work(message, names, capsys, tmp_path / "run")

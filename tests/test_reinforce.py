@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import reinforce as R
-from tiny import CHECKPOINT, EOS, TabularPolicy, all_responses, prefixes, response_batch, run_script
+from tiny import TabularPolicy, all_responses, prefixes, response_batch, run_script
 
 RESPONSES = all_responses()
 N_PREFIXES = len(prefixes())
@@ -19,7 +19,8 @@ N_PREFIXES = len(prefixes())
 
 def logits_table(rows: int, cols: int):
     return st.lists(st.floats(-3, 3), min_size=rows * cols, max_size=rows * cols).map(
-        lambda xs: torch.tensor(xs, dtype=torch.float64).view(rows, cols))
+        lambda xs: torch.tensor(xs, dtype=torch.float64).view(rows, cols)
+    )
 
 
 def rewards_of(n: int):
@@ -46,9 +47,11 @@ def expected_surrogate_gradient(policy: TabularPolicy, advantages: torch.Tensor)
 
 def finite_difference_gradient(theta: torch.Tensor, rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """∇J(θ) for J = Σ_y π_θ(y)·R(y), by central differences: no autograd, no score function."""
+
     def J(t):
         policy = TabularPolicy(t)
         return sum(policy.prob(y) * r for y, r in zip(RESPONSES, rewards)).item()
+
     grad = torch.zeros_like(theta)
     for i in itertools.product(*map(range, theta.shape)):
         step = torch.zeros_like(theta)
@@ -170,18 +173,24 @@ def test_leave_one_out_lowers_the_variance_when_rewards_share_a_large_offset(the
 def gpt2():
     """A tiny float64 GPT-2: learned absolute position embeddings, so positions must be right."""
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=8, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=8, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return GPT2LMHeadModel(config).double().eval()
 
 
 tokens = st.integers(2, 7)  # 0 is padding, 1 is EOS
 
 
-@given(prompt=st.lists(tokens, min_size=1, max_size=4), response=st.lists(tokens, min_size=0, max_size=3),
-       pad=st.integers(1, 4), after=st.lists(st.integers(0, 7), min_size=2, max_size=2))
+@given(
+    prompt=st.lists(tokens, min_size=1, max_size=4),
+    response=st.lists(tokens, min_size=0, max_size=3),
+    pad=st.integers(1, 4),
+    after=st.lists(st.integers(0, 7), min_size=2, max_size=2),
+)
 def test_token_logprobs_are_a_log_softmax_gather_unchanged_by_left_padding_and_what_follows_eos(
-        gpt2, prompt, response, pad, after):
+    gpt2, prompt, response, pad, after
+):
     """The response's log-probs in a left-padded batch, with junk after EOS, equal log_softmax
     gathered from the unpadded sequence alone."""
     response = response + [1]
@@ -212,8 +221,18 @@ def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
 
 
 def test_same_seed_gives_the_same_metrics(tmp_path):
-    flags = ("--total-episodes", "512", "--eval-every", "256", "--num-prompts", "32", "--baseline", "mean",
-             "--kl-coef", "0.1")
+    flags = (
+        "--total-episodes",
+        "512",
+        "--eval-every",
+        "256",
+        "--num-prompts",
+        "32",
+        "--baseline",
+        "mean",
+        "--kl-coef",
+        "0.1",
+    )
     runs = [run_script("reinforce.py", *flags, out_dir=tmp_path / str(i))[1] for i in range(2)]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(runs[0]) == strip(runs[1]) and len(runs[0]) == 5
@@ -225,20 +244,35 @@ def test_runs_copied_alone_on_a_llama_whose_tokenizer_has_no_pad_token(tmp_path)
 
     model = tiny_model(tmp_path / "llama", "llama", pad_token=False)
     shutil.copy(R.__file__, tmp_path / "reinforce.py")
-    _, rows = run_script(tmp_path / "reinforce.py", "--model", str(model), "--total-episodes", "64",
-                         "--num-prompts", "16", "--eval-every", "64", "--baseline", "none",
-                         out_dir=tmp_path / "run", cwd=tmp_path)
+    _, rows = run_script(
+        tmp_path / "reinforce.py",
+        "--model",
+        str(model),
+        "--total-episodes",
+        "64",
+        "--num-prompts",
+        "16",
+        "--eval-every",
+        "64",
+        "--baseline",
+        "none",
+        out_dir=tmp_path / "run",
+        cwd=tmp_path,
+    )
     assert [r["episodes"] for r in rows] == [0, 64] and "eval_accuracy" in rows[-1]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--learning-rate", "-1"], "--learning-rate"),
-    (["--baseline", "leave-one-out", "--samples-per-prompt", "1"], "leave-one-out"),
-    (["--baseline", "median"], "baseline"),
-    (["--no-such-flag", "1"], "no-such-flag"),
-    (["--model", "/nonexistent/model"], "/nonexistent/model"),
-    (["--temperature", "0"], "--temperature"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning-rate", "-1"], "--learning-rate"),
+        (["--baseline", "leave-one-out", "--samples-per-prompt", "1"], "leave-one-out"),
+        (["--baseline", "median"], "baseline"),
+        (["--no-such-flag", "1"], "no-such-flag"),
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--temperature", "0"], "--temperature"),
+    ],
+)
 def test_bad_input_is_one_error_line_and_a_nonzero_exit(tmp_path, flags, message):
     proc, _ = run_script("reinforce.py", *flags, out_dir=tmp_path, check=False)
     lines = proc.stderr.strip().splitlines()

@@ -1,16 +1,35 @@
-"""The task and the shared machinery are copied into every script by design; these tests keep
-the copies identical in behaviour, and check the embedded starting policy that sft.py makes."""
+"""The task and the machinery every script shares: copied into each by design, checked here to be the
+same code and to do what the scripts rely on (the sampler, the stop tokens, the reward rule, the
+memory-lean log-probs, gradient checkpointing, resume, bad input); and the embedded starting policy."""
 
 import importlib
+import inspect
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 import sft
-from tiny import CHECKPOINT, run_script
+from tiny import (
+    CHECKPOINT,
+    Oracle,
+    assert_one_error_line_before_any_work,
+    exit_message,
+    run_main,
+    run_script,
+    tiny_model,
+    without_seconds,
+)
 
 SCRIPTS = ["reinforce", "actor_critic", "ppo"]
+SHARED = ["cli_error", "reward", "prompt_of", "load_policy", "positions", "autocast", "inverse_cdf", "sample_token",
+          "sample", "decode", "logprob_chunk", "response_logprobs", "global_sum", "evaluate", "save"]  # fmt: skip
+SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_sum", "masked_mean", "masked_var", "global_max"]
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +39,17 @@ def scripts():
 
 @pytest.fixture(scope="module")
 def policy():
-    return AutoModelForCausalLM.from_pretrained(CHECKPOINT).eval(), AutoTokenizer.from_pretrained(CHECKPOINT)
+    import ppo
+
+    return ppo.load_policy(str(CHECKPOINT), torch.device("cpu"))
+
+
+def test_the_shared_pieces_are_the_same_code_in_every_script(scripts):
+    """Copies by design, and identical: a fix to one must reach all."""
+    for name in SHARED:
+        assert len({inspect.getsource(getattr(m, name)) for m in scripts}) == 1, name
+    for name in SHARED_WITH_A_CRITIC:
+        assert len({inspect.getsource(getattr(m, name)) for m in scripts[1:]}) == 1, name
 
 
 def test_every_script_scores_the_same_fixed_evaluation_set_and_never_trains_on_it(scripts):
@@ -31,48 +60,348 @@ def test_every_script_scores_the_same_fixed_evaluation_set_and_never_trains_on_i
 
 
 @pytest.mark.parametrize("completion, finished, score", [
-    ("46", True, 1.0), ("46", False, 0.0), ("47", True, 0.0), ("046", True, 0.0), ("", True, 0.0), (" 46", True, 0.0)])
-def test_reward_is_an_exact_match_followed_by_eos_in_every_script(scripts, completion, finished, score):
+    ("46", True, 1.0), ("46", False, 0.0), ("47", True, 0.0), ("046", True, 0.0), ("", True, 0.0), (" 46", True, 0.0),
+    ("4<pad>6", True, 0.0)])  # fmt: skip
+def test_reward_is_an_exact_match_followed_by_a_stop_token_in_every_script(scripts, completion, finished, score):
     assert [m.reward("12+34=", completion, finished) for m in scripts] == [score] * len(scripts)
+
+
+def test_a_special_token_inside_a_response_is_part_of_what_the_reward_judges(scripts, policy):
+    """For "12+34=", `4 <pad> 6 <eos>` reads "4<pad>6" and scores 0 (dropping special tokens would read
+    "46" and pay for it); `4 6 <eos>` scores 1. sft.py's evaluation reads responses by the same rule."""
+    _, tok = policy
+    digit = {c: tok.convert_tokens_to_ids(c) for c in "46"}
+    responses = torch.tensor([[digit["4"], tok.pad_token_id, digit["6"], tok.eos_token_id],
+                              [digit["4"], digit["6"], tok.eos_token_id, tok.pad_token_id]])  # fmt: skip
+    mask, finished = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool(), torch.tensor([True, True])
+    for m in scripts:
+        texts = m.decode(tok, responses, mask, finished)
+        assert texts == ["4<pad>6", "46"] and [m.reward("12+34=", t, True) for t in texts] == [0.0, 1.0]
+    assert [sft.completion_of(tok, r) for r in responses.tolist()] == [("4<pad>6", True), ("46", True)]
 
 
 def test_every_script_samples_and_scores_tokens_identically(scripts, policy):
     """Same seed, same prompts -> the same tokens, masks and texts from each script's copy, and the
-    same per-token log-probs from each script's forward pass. reinforce.token_logprobs is checked
-    against an unpadded log_softmax gather in test_reinforce.py; equality carries that over."""
+    same per-token log-probs and entropies from each script's forward pass."""
     model, tok = policy
     prompts = ["1+2=", "99+99=", "40+5="] * 8
     outputs = []
     for module in scripts:
         torch.manual_seed(0)
-        ids, attn, n_prompt, mask = module.sample(model, tok, prompts, 6, 1.5)
-        texts, finished = module.decode(tok, ids[:, n_prompt:], mask)
-        outputs.append((ids, attn, n_prompt, mask, texts, finished))
+        ids, attn, n_prompt, mask, finished = module.sample(model, tok, prompts, 6, 1.5, batch_size=7)
+        outputs.append((ids, attn, n_prompt, mask, finished, module.decode(tok, ids[:, n_prompt:], mask, finished)))
     for other in outputs[1:]:
         assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(outputs[0], other))
-
     reinforce, actor_critic, ppo = scripts
-    ids, attn, n_prompt, mask = outputs[0][:4]
+    ids, attn, n_prompt = outputs[0][:3]
     with torch.no_grad():
-        expected = reinforce.token_logprobs(model, ids, attn, n_prompt, 1.5)[0]
-        for logp in (actor_critic.forward(model, None, ids, attn, n_prompt, 1.5)[0],
-                     ppo.forward(model, ids, attn, n_prompt, 1.5)[0]):
-            assert torch.equal(torch.where(mask, logp, 0.0), torch.where(mask, expected, 0.0))
+        expected = reinforce.token_logprobs(model, ids, attn, n_prompt, 1.5)
+        for module in (actor_critic, ppo):
+            assert all(map(torch.equal, module.forward(model, ids, attn, n_prompt, 1.5)[:2], expected))
 
 
-def test_sampling_masks_every_token_up_to_and_including_the_first_eos(policy):
-    import reinforce
+@pytest.fixture(scope="module")
+def two_stop_tokens(tmp_path_factory):
+    """A tiny Llama whose generation config lists two stop tokens besides EOS: the digits 3 and 7."""
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    stops = tuple(tok.convert_tokens_to_ids(["3", "7"]))
+    return tiny_model(tmp_path_factory.mktemp("stops"), "llama", pad_token=False, stop_ids=stops), stops
 
-    model, tok = policy
+
+def test_a_response_ends_at_its_first_stop_token_whichever_of_several_it_is(two_stop_tokens):
+    """Sampling stops a row on EOS or on any id of generation_config.eos_token_id; the response mask
+    covers every token up to and including it; `finished` says whether one came; decode drops it."""
+    import ppo
+
+    path, extra = two_stop_tokens
+    model, tok = ppo.load_policy(str(path), torch.device("cpu"))
+    stops = {tok.eos_token_id, *extra}
+    assert set(model.generation_config.eos_token_id) == stops
     torch.manual_seed(0)
-    ids, attn, n_prompt, mask = reinforce.sample(model, tok, [sft.prompt_of(a, b) for a, b in sft.EVAL_PAIRS[:64]], 6, 1.5)
-    response = ids[:, n_prompt:]
-    for row, m in zip(response.tolist(), mask.tolist()):
-        n = sum(m)
-        assert m == [1] * n + [0] * (len(m) - n)  # a prefix
-        eos_at = [i for i, t in enumerate(row) if t == tok.eos_token_id]
-        assert n == (eos_at[0] + 1 if eos_at else len(row))
+    ids, attn, n_prompt, mask, finished = ppo.sample(model, tok, ["1+2=", "40+55="] * 64, 6, 2.0, batch_size=50)
+    response, ended_on = ids[:, n_prompt:].tolist(), set()
+    for row, m, f, text in zip(response, mask.tolist(), finished.tolist(), ppo.decode(tok, ids[:, n_prompt:], mask,
+                                                                                          finished)):  # fmt: skip
+        first = next((i for i, t in enumerate(row) if t in stops), None)
+        n = first + 1 if first is not None else len(row)
+        assert m == [1] * n + [0] * (len(m) - n) and f == (first is not None)
+        assert text == tok.decode(row[: n - f])
+        ended_on |= {row[first]} if f else set()
+    assert extra[0] in ended_on and extra[1] in ended_on and not finished.all()  # every case happened
     assert torch.equal(attn[:, n_prompt:], mask.long())  # the attention mask training will use
+
+
+class Recording(torch.nn.Module):
+    """A model that keeps the last-position logits of every call: the distributions the sampler drew from."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.logits = model, []
+        self.device, self.generation_config = model.device, model.generation_config
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        self.logits.append(out.logits[:, -1].clone())  # before sample_token overwrites them
+        return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"], ids=["gpt2", "llama-without-pad-token"])
+def test_the_sampler_gives_each_token_the_log_probability_that_forward_gives_it(tmp_path, arch):
+    """The central claim of π_old: the distribution a token was drawn from, softmax(logits/T) at its
+    step of the KV-cache sampler, gives it the same log-probability as the scripts' forward pass, for
+    prompts of unequal length (left padding) in one batch."""
+    import ppo
+
+    model, tok = ppo.load_policy(str(tiny_model(tmp_path, arch, pad_token=arch == "gpt2")), torch.device("cpu"))
+    recording, temperature = Recording(model), 0.7
+    torch.manual_seed(0)
+    prompts = ["1+2=", "40+55=", "7+61=", "99+99="] * 4
+    ids, attn, n_prompt, mask, _ = ppo.sample(recording, tok, prompts, 5, temperature, batch_size=16)
+    steps = torch.stack(recording.logits, 1)  # [B, T, V]
+    drawn = (steps / temperature).log_softmax(-1).gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
+    with torch.no_grad():
+        logp = ppo.forward(model, ids, attn, n_prompt, temperature)[0]
+    assert mask[:, 1:].any()  # some responses are longer than one token
+    torch.testing.assert_close(logp[mask], drawn[mask], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("vocab, block", [(10, 4), (10, 1024), (12, 3)])
+def test_sample_token_draws_from_the_softmax_of_the_logits_over_the_temperature(vocab, block):
+    """200,000 draws from one row of logits: the frequencies pass a chi-square test against
+    softmax(logits/T) (p > 1e-6; the generator is seeded, so the outcome is fixed), and a token of
+    logit −inf is never drawn. Both stages of the sampler are exercised: several blocks and a short last one."""
+    import ppo
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=gen) * 2
+    logits[1] = -math.inf
+    probs = (logits / 0.7).softmax(-1)
+    draws = ppo.sample_token(logits.expand(200_000, vocab).clone(), 0.7, gen, block=block)
+    counts = torch.bincount(draws, minlength=vocab).double()
+    assert counts[1] == 0
+    expected = probs.double() * len(draws)
+    keep = expected > 0
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    assert chi2 < 45  # the 1 - 1e-6 quantile of chi-square with 9 degrees of freedom is about 45.6
+
+
+@pytest.fixture(scope="module")
+def gpt2_64():
+    """A tiny float64 GPT-2 (absolute positions: a wrong position id changes every log-prob)."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=11, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(config).double().eval()
+
+
+@settings(max_examples=20)
+@given(data=st.data(), temperature=st.floats(0.3, 2.0), rows=st.integers(1, 5))
+def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, scripts, data, temperature, rows):
+    """Each script's log-probs, computed from the LM head in checkpointed chunks of `rows` tokens, equal
+    log_softmax(logits/T) gathered from the whole logits tensor, and so do their gradients, to 1e-10 in
+    float64, for left-padded prompts and responses of several lengths with junk after their end."""
+    batch, width, n_prompt = 3, 4, 4
+    prompt_lengths = data.draw(st.lists(st.integers(1, n_prompt), min_size=batch, max_size=batch))
+    lengths = data.draw(st.lists(st.integers(1, width), min_size=batch, max_size=batch))
+    ids = torch.tensor(data.draw(st.lists(st.integers(2, 10), min_size=batch * 8, max_size=batch * 8))).view(batch, 8)
+    attn = torch.tensor([[0] * (n_prompt - p) + [1] * p + [1] * n + [0] * (width - n)
+                         for p, n in zip(prompt_lengths, lengths)])  # fmt: skip
+    mask = attn[:, n_prompt:].bool()
+    weights = torch.tensor(data.draw(st.lists(st.floats(-1, 1), min_size=batch * width, max_size=batch * width)))
+    weights = weights.view(batch, width).double()
+
+    def plain():
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1]
+        return (logits / temperature).log_softmax(-1).gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
+
+    def with_gradient(logp_of):
+        gpt2_64.zero_grad()
+        logp = logp_of()
+        torch.where(mask, weights * logp, 0.0).sum().backward()
+        return logp[mask].detach(), [p.grad.clone() for p in gpt2_64.parameters()]
+
+    expected, expected_grads = with_gradient(plain)
+    for module in scripts:
+        chunk, module.LOGITS_PER_CHUNK = module.LOGITS_PER_CHUNK, rows * 11  # `rows` tokens per chunk: several
+        score = module.token_logprobs if module.__name__ == "reinforce" else module.forward
+        try:
+            logp, grads = with_gradient(lambda f=score: f(gpt2_64, ids, attn, n_prompt, temperature)[0])
+        finally:
+            module.LOGITS_PER_CHUNK = chunk
+        torch.testing.assert_close(logp, expected, rtol=0, atol=1e-10)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+# ---- Gradient checkpointing and resume, each script run in this process ----
+TINY = {
+    "reinforce": ("--num-prompts", "4", "--samples-per-prompt", "4", "--micro-batch-size", "8"),
+    "actor_critic": ("--num-prompts", "16", "--micro-batch-size", "8"),
+    "ppo": ("--num-prompts", "16", "--num-minibatches", "2", "--ppo-epochs", "2", "--micro-batch-size", "4"),
+}
+UPDATE = {"reinforce": "update", "actor_critic": "update", "ppo": "update_minibatch"}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_gradient_checkpointing_recomputes_each_layer_in_training_mode_and_changes_nothing(
+    name, tmp_path, monkeypatch, dropout_gpt2
+):
+    """With --gradient-checkpointing every transformer block runs twice per micro-batch of the update
+    (forward, and again in the backward pass: its MLP is called twice), which Hugging Face models only do
+    in training mode; the
+    model is in training mode throughout the update, which is harmless because dropout, 0.5 in this
+    model's config, is off; and the run writes the same metrics as without it."""
+    module = importlib.import_module(name)
+    counts, calls, mlp_forward = [], [0], GPT2MLP.forward
+
+    def count_mlp(self, *args, **kwargs):
+        calls[0] += 1
+        return mlp_forward(self, *args, **kwargs)
+
+    update = getattr(module, UPDATE[name])
+
+    def spy(model, *args, **kwargs):
+        before = calls[0]
+        result = update(model, *args, **kwargs)
+        counts.append((model.training, calls[0] - before))
+        return result
+
+    monkeypatch.setattr(GPT2MLP, "forward", count_mlp)
+    monkeypatch.setattr(module, UPDATE[name], spy)
+    flags = (*TINY[name], "--model", str(dropout_gpt2), "--total-episodes", "32", "--max-new-tokens", "3")
+    plain = run_main(module, *flags, "--output-dir", str(tmp_path / "plain"))
+    plain_counts, counts[:] = list(counts), []
+    checkpointed = run_main(module, *flags, "--gradient-checkpointing", "--output-dir", str(tmp_path / "gc"))
+    assert without_seconds(plain) == without_seconds(checkpointed)
+    assert all(training for training, _ in plain_counts + counts) and len(counts) == len(plain_counts) > 0
+    assert [n for _, n in counts] == [2 * n for _, n in plain_counts]
+
+
+@pytest.fixture(scope="module")
+def dropout_gpt2(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("dropout"), "gpt2", dropout=0.5)
+
+
+RESUMED = {
+    "reinforce": ("--baseline", "mean", "--kl-coef", "0.1"),  # the running mean and π_ref carry over
+    "actor_critic": ("--critic", "separate", "--kl-coef", "0.1"),  # the critic's own backbone
+    "ppo": ("--critic", "separate", "--kl-coef", "0.1", "--kl-target", "0.01", "--kl-horizon", "100"),  # β moves
+}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted_run_writes(
+    name, tmp_path, monkeypatch
+):
+    """4 iterations straight, against 2, an interruption right after the save at iteration 2 and
+    --resume: the same metrics.jsonl rows apart from `seconds`, and a saved policy that plain
+    from_pretrained loads."""
+    module = importlib.import_module(name)
+    batch = 16
+    flags = (*TINY[name], *RESUMED[name], "--max-new-tokens", "4", "--total-episodes", str(4 * batch),
+             "--eval-every", str(batch))  # fmt: skip
+    straight = run_main(module, *flags, "--output-dir", str(tmp_path / "straight"))
+    save = module.save
+
+    def save_then_stop(model, tok, path, state):
+        save(model, tok, path, state)
+        if state["iteration"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(module, *flags, "--output-dir", str(tmp_path / "resumed"))
+    monkeypatch.setattr(module, "save", save)
+    resumed = run_main(module, "--resume", str(tmp_path / "resumed"))
+    assert [r["iteration"] for r in straight] == [0, 1, 2, 3, 4]
+    assert without_seconds(resumed) == without_seconds(straight)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model")
+
+
+# ---- Evaluation: one rule, one meaning of eval_accuracy ----
+def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, policy):
+    """An oracle that answers every pair right scores 1.0; one whose answer is wrong where a + b is even,
+    and is `4 <pad> 6` for one pair whose sum is 46, scores the share of odd sums among the 500 pairs, in
+    any chunking; sft.py's greedy_accuracy gives the same."""
+    _, tok = policy
+    wrong = {
+        (a, b): tok(str(a + b + 1))["input_ids"] + [tok.eos_token_id] for a, b in sft.EVAL_PAIRS if (a + b) % 2 == 0
+    }
+    pad_pair = next(p for p in sft.EVAL_PAIRS if sum(p) == 46)
+    wrong[pad_pair] = tok("4")["input_ids"] + [tok.pad_token_id] + tok("6")["input_ids"] + [tok.eos_token_id]
+    odd_share = sum((a + b) % 2 for a, b in sft.EVAL_PAIRS) / 500
+    for module in scripts:
+        for size in (500, 64):
+            args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=size)
+            assert module.evaluate(Oracle(tok), tok, args) == {"eval_accuracy": 1.0, "eval_reward_sampled": 1.0}
+            assert module.evaluate(Oracle(tok, wrong), tok, args)["eval_accuracy"] == odd_share
+    assert sft.greedy_accuracy(Oracle(tok, wrong), tok, sft.EVAL_PAIRS, 6) == odd_share
+
+
+def test_sft_and_the_scripts_agree_on_the_committed_checkpoints_eval_accuracy(scripts, policy):
+    model, tok = policy
+    args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=500)
+    assert {m.evaluate(model, tok, args)["eval_accuracy"] for m in scripts} == {
+        sft.greedy_accuracy(model, tok, sft.EVAL_PAIRS)
+    }
+
+
+# ---- Models the scripts must refuse ----
+class ScaledLogits(GPT2LMHeadModel):
+    """A GPT-2 whose logits are not its LM head's output (as soft-capping or logit scaling do)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_a_model_that_transforms_its_logits_after_the_lm_head_is_refused(tmp_path, scripts, capsys):
+    path = tiny_model(tmp_path, "gpt2")
+    model = ScaledLogits.from_pretrained(path)
+    model.save_pretrained(path)
+    AutoModelForCausalLM.register(type(model.config), ScaledLogits, exist_ok=True)
+    try:
+        for module in scripts:
+            with pytest.raises(SystemExit) as exited:
+                module.load_policy(str(path), torch.device("cpu"))
+            assert "transforms its logits after the LM head" in exited.value.code
+    finally:
+        AutoModelForCausalLM.register(type(model.config), GPT2LMHeadModel, exist_ok=True)
+
+
+# ---- Bad input: one line, whatever tyro's drawing ----
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("flags, expected", [
+    (["--no-such-flag", "1"], "unrecognized flag --no-such-flag"),
+    (["--total-episodes", "many"], "--total-episodes expects int, got 'many'"),
+    (["--temperature"], "--temperature needs a value"),
+    (["--learning-rate=fast"], "--learning-rate expects float, got 'fast'"),
+    (["--gradient-checkpointing", "yes"], "--gradient-checkpointing takes no value"),
+    (["--seed", "1", "stray"], "--seed expects int, got '1 stray'"),
+])  # fmt: skip
+def test_a_command_line_tyro_rejects_is_one_error_line_naming_the_flag(name, flags, expected, monkeypatch, capsys,
+                                                                      tmp_path):  # fmt: skip
+    module = importlib.import_module(name)
+    message = exit_message(monkeypatch, module.main, [name + ".py", *flags, "--output-dir", str(tmp_path / "run")])
+    assert message == f"error: {expected}"
+    assert_one_error_line_before_any_work(message, expected, capsys, tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_takes_no_other_flag_and_needs_a_saved_run(name, monkeypatch, capsys, tmp_path):
+    module = importlib.import_module(name)
+    message = exit_message(monkeypatch, module.main, [name, "--resume", str(tmp_path)])
+    assert message == f"error: --resume {tmp_path}: no model/training_state.pt to continue from"
+    assert "no other flag" in exit_message(monkeypatch, module.main, [name, "--resume", str(tmp_path), "--seed", "2"])
+
+
+def test_help_lists_every_flag_with_its_docstring(scripts):
+    for module in scripts:
+        proc, _ = run_script(module.__name__ + ".py", "--help")
+        for field in module.Args.__dataclass_fields__:
+            assert "--" + field.replace("_", "-") in proc.stdout
 
 
 # ---- The starting policy ----

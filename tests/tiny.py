@@ -15,29 +15,59 @@ CHECKPOINT = ROOT / "checkpoints" / "sft-addition"
 
 
 def tiny_model(path: Path, arch: str = "gpt2", pad_token: bool = True, padding_side: str = "right",
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+               dtype: torch.dtype = torch.float32, seed: int = 0, stop_ids: tuple[int, ...] = (),
+               dropout: float = 0.0) -> Path:  # fmt: skip
     """Save a randomly initialised 2-layer model of `arch` (gpt2, llama or neox) with the embedded
     character tokenizer at `path`. pad_token=False removes the pad token, as Llama's tokenizer has none;
-    the default right padding side checks that the scripts pad prompts on the left themselves."""
+    the default right padding side checks that the scripts pad prompts on the left themselves.
+    stop_ids are listed in its generation config beside EOS, as instruct models list several;
+    dropout > 0 switches on every dropout its config names."""
     tok = AutoTokenizer.from_pretrained(CHECKPOINT)
     if not pad_token:
         tok.pad_token = None
     tok.padding_side = padding_side
     common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
+                  pad_token_id=tok.pad_token_id)  # fmt: skip
     config = {
-        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
-                                   embd_pdrop=0.0, attn_pdrop=0.0, **common),
-        "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, **common),
-        "neox": lambda: GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=32, **common),
-    }[arch]()
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=dropout,
+                                   embd_pdrop=dropout, attn_pdrop=dropout, **common),
+        "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, max_position_embeddings=32, attention_dropout=dropout,
+                                     **common),
+        "neox": lambda: GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      max_position_embeddings=32, hidden_dropout=dropout, attention_dropout=dropout,
+                                      **common),
+    }[arch]()  # fmt: skip
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if stop_ids:
+        model.generation_config.eos_token_id = [tok.eos_token_id, *stop_ids]
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+class Oracle(torch.nn.Module):
+    """A causal LM, to the scripts' sampler, that writes the sum of each prompt and then EOS, or for the
+    pairs in `answers` the token ids given there. Its "cache" is the token ids so far."""
+
+    def __init__(self, tok, answers: dict | None = None):
+        super().__init__()
+        self.tok, self.answers = tok, answers or {}
+        self.generation_config = SimpleNamespace(eos_token_id=[tok.eos_token_id])
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask, cache=None, **kwargs):
+        ids = input_ids if cache is None else torch.cat([cache, input_ids], 1)
+        logits = torch.zeros(len(ids), ids.shape[1], len(self.tok))
+        for row, (seq, mask) in enumerate(zip(ids.tolist(), attention_mask.tolist())):
+            text = self.tok.decode([t for t, m in zip(seq, mask) if m])
+            prompt, written = text.split("=", 1)
+            a, b = map(int, prompt.split("+"))
+            answer = self.answers.get((a, b), self.tok(str(a + b))["input_ids"] + [self.tok.eos_token_id])
+            n = len(self.tok(written)["input_ids"]) if written else 0
+            logits[row, -1, answer[n] if n < len(answer) else self.tok.eos_token_id] = 100.0
+        return SimpleNamespace(logits=logits, cache=ids)
 
 
 # ---- An enumerable policy ----
@@ -73,10 +103,10 @@ def response_batch(responses=None):
 
 
 class TabularPolicy(torch.nn.Module):
-    """π_θ(a | s) = softmax(θ[s]) with one row of logits per prefix s. It takes the keyword
-    arguments of a Hugging Face causal LM and returns .logits [B, L, VOCAB] (and .hidden_states, a
-    one-hot of the prefix, so a linear value head on it is a tabular critic), so the scripts' own
-    functions run on it unchanged."""
+    """π_θ(a | s) = softmax(θ[s]) with one row of logits per prefix s. It has the parts of a Hugging Face
+    causal LM that the scripts use to score responses: base_model(...).last_hidden_state, a one-hot of
+    the prefix (so a linear value head on it is a tabular critic), and get_output_embeddings(), the LM
+    head h -> h·θ. So the scripts' own forward passes run on it unchanged."""
 
     def __init__(self, theta: torch.Tensor | None = None, max_len: int = MAX_LEN):
         super().__init__()
@@ -85,16 +115,14 @@ class TabularPolicy(torch.nn.Module):
             theta = torch.zeros(len(self.index), VOCAB, dtype=torch.float64)
         self.theta = torch.nn.Parameter(theta)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0, **kwargs):
-        rows = []
-        for seq in input_ids.tolist():
-            response = seq[1:]
-            # Prefixes that run past EOS into padding are not states; row 0 stands in (masked anyway).
-            rows.append([self.index.get(tuple(response[:t]), 0) for t in range(len(seq))])
-        rows = torch.tensor(rows)
-        one_hot = torch.nn.functional.one_hot(rows, len(self.index)).to(self.theta.dtype)
-        logits = self.theta[rows][:, -logits_to_keep:]  # like Hugging Face: the last logits_to_keep (0: all)
-        return SimpleNamespace(logits=logits, hidden_states=(one_hot,))
+    def base_model(self, input_ids, **kwargs):
+        # Prefixes that run past EOS into padding are not states; row 0 stands in (masked anyway).
+        rows = torch.tensor([[self.index.get(tuple(seq[1 : t + 1]), 0) for t in range(len(seq))]
+                             for seq in input_ids.tolist()])  # fmt: skip
+        return SimpleNamespace(last_hidden_state=torch.nn.functional.one_hot(rows, len(self.index)).to(self.theta))
+
+    def get_output_embeddings(self):
+        return TableHead(self.theta)
 
     def prob(self, response: tuple[int, ...]) -> torch.Tensor:
         """π_θ(y) = Π_t π_θ(y_t | y_<t), differentiable in θ."""
@@ -102,9 +130,20 @@ class TabularPolicy(torch.nn.Module):
         return torch.exp(sum(logp[self.index[response[:t]], a] for t, a in enumerate(response)))
 
 
+class TableHead:
+    """The tabular policy's LM head: logits = one-hot(s)·θ, with .weight [VOCAB, states] like nn.Linear."""
+
+    def __init__(self, theta):
+        self.theta, self.weight = theta, theta.T
+
+    def __call__(self, hidden):
+        return hidden @ self.theta
+
+
 # ---- Running a script end to end ----
-def run_script(script: str | Path, *flags: str, out_dir: Path | None = None, cwd: Path | None = None,
-               check: bool = True):
+def run_script(
+    script: str | Path, *flags: str, out_dir: Path | None = None, cwd: Path | None = None, check: bool = True
+):
     """Run `python script flags...` in a subprocess (one thread, as a test neighbour to others) and
     return (completed process, metrics.jsonl rows). Budgets are in episodes, never in seconds."""
     import json
@@ -119,8 +158,27 @@ def run_script(script: str | Path, *flags: str, out_dir: Path | None = None, cwd
     if check and proc.returncode != 0:
         raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     metrics = out_dir / "metrics.jsonl" if out_dir else None
-    rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics and metrics.exists() else []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics and metrics.exists() else []
     return proc, rows
+
+
+def run_main(module, *flags: str) -> list[dict]:
+    """Run `module.main()` in this process with `flags` on its command line (--output-dir among them),
+    and return the rows of the metrics.jsonl it wrote."""
+    import json
+
+    out_dir = Path(flags[flags.index("--output-dir" if "--output-dir" in flags else "--resume") + 1])
+    argv = sys.argv
+    sys.argv = [module.__name__ + ".py", *flags]
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 # ---- Bad input, in process: faster than a subprocess ----
