@@ -270,10 +270,10 @@ def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
     return prompt + completion + (tok.eos_token if finished else "")
 
 
-@torch.no_grad()
 def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
     """The reward model's score of each text, read at its own last token: right padding, and the
-    position from the attention mask, not from the pad id (which is EOS for some tokenizers)."""
+    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
+    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
     scores = []
     for i in range(0, len(texts), batch_size):
         enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
@@ -282,7 +282,7 @@ def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.
         with autocast(model.device):
             hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
             scores.append(model.score(hidden).squeeze(-1).float())
-    return torch.cat(scores)
+    return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -534,7 +534,7 @@ def rollout(policy, tok, prompts: list[str], args: Args, model, ref_model, rewar
     if reward_model is not None:
         rm, rm_tok = reward_model
         rm_texts = [reward_model_text(p, c, f, rm_tok) for p, c, f in zip(prompts, texts, finished.tolist())]
-        scores = reward_model_scores(rm, rm_tok, rm_texts, size)
+        scores = reward_model_scores(rm, rm_tok, rm_texts, size)  # no gradient: rollout runs under no_grad
     batch = dict(ids=ids, attn=attn, mask=mask, scores=scores - args.missing_eos_penalty * ~finished, gold=gold)
     chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
     passes = [model(ids[c], attn[c], n_prompt, temperature) for c in chunks]
