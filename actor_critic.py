@@ -307,46 +307,50 @@ def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finishe
 LOGITS_PER_CHUNK = 2**25  # 128 MiB in float32: the most of the LM head's output that exists at once
 
 
-def logprob_chunk(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
+def logprob_chunk(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
     z = lm_head(hidden)
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     log_normaliser = z.logsumexp(-1)
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser  # log π(a|s) = z_a/T − logsumexp(z/T)
+    if not entropy:
+        return logp, torch.empty(0)
     with torch.no_grad():  # the entropy is only logged
-        entropy = log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
-    return z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser, entropy  # log π(a|s) = z_a/T − logsumexp
+        return logp, log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
 
 
-def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
-    """log π(a | s) of each token a [N] after each hidden state h(s) [N, H], and the entropy of π(· | s)
-    [N] without gradient. Rows go through the LM head in chunks, so no [N, V] tensor exists at once;
-    with gradients each chunk is recomputed in the backward pass (checkpointed), so none is kept for it
-    either: with V = 150,000, a float32 [N, V] takes 0.6 MB per token."""
+def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
+    """log π(a | s) of each token a [N] after each hidden state h(s) [N, H] and, if asked, the entropy of
+    π(· | s) [N], without gradient (else None). Rows go through the LM head in chunks, so no [N, V] tensor
+    exists at once; with gradients each chunk is recomputed in the backward pass (checkpointed), so none
+    is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per token. The entropy is
+    elementwise work over [N, V] (with a large vocabulary on a CPU, a third of a forward and backward):
+    ask for it where it is logged."""
     rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     chunks = [
-        checkpoint(logprob_chunk, lm_head, h, a, temperature, use_reentrant=False)
+        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, use_reentrant=False)
         if torch.is_grad_enabled()
-        else logprob_chunk(lm_head, h, a, temperature)
+        else logprob_chunk(lm_head, h, a, temperature, entropy)
         for h, a in zip(hidden.split(rows), tokens.split(rows))
     ]
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
 
 
-def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None):
-    """log π(a_t | s_t) [B, T] of each response token, the entropy of π(· | s_t) [B, T] (no gradient: it is
-    only logged) and, with a value head, V(s_t) [B, T] from the last hidden state of the critic: the
-    policy's own (critic=None) or a separate backbone's (else None). One pass with the sampler's attention
-    mask, position ids and temperature, so π_θ/π_old is exactly 1 before the first step. The log-probs
-    and entropies are 0 on padding."""
+def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None, entropy=False):
+    """log π(a_t | s_t) [B, T] of each response token; if asked, the entropy of π(· | s_t) [B, T] (no
+    gradient: it is only logged; else None); and with a value head, V(s_t) [B, T] from the last hidden
+    state of the critic, the policy's own (critic=None) or a separate backbone's (else None). One pass
+    with the sampler's attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the
+    first step. The log-probs and entropies are 0 on padding."""
     mask = attn[:, n_prompt:].bool()  # the response mask
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
     with autocast(ids.device):
         hidden = policy.base_model(**inputs).last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
         lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:]
-        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature)
+        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy)
         if critic is not None and value_head is not None:
             hidden = critic(**inputs).last_hidden_state[:, n_prompt - 1 : -1]
     values = None if value_head is None else value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
-    unpack = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)
+    unpack = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
     return unpack(logp), unpack(entropy), values
 
 
@@ -357,8 +361,8 @@ class PolicyAndCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.value_head, self.critic = policy, value_head, critic
 
-    def forward(self, ids, attn, n_prompt: int, temperature: float):
-        return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head)
+    def forward(self, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
+        return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head, entropy)
 
 
 # ---- The actor-critic pieces ----
@@ -429,7 +433,9 @@ def update(model, optimizer, ref_model, batch: dict, n_prompt: int, args: Args, 
         mask = batch["mask"][mb]
         sync = i == len(micro) - 1 or not isinstance(model, DistributedDataParallel)  # average once, at the end
         with contextlib.nullcontext() if sync else model.no_sync():
-            logp, entropy, values = model(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature)
+            # The entropy costs elementwise work over [b, T, V] (a third of the pass on a large vocabulary
+            # on a CPU); this one pass is where actor-critic can log it.
+            logp, entropy, values = model(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature, True)
             kl = torch.zeros_like(logp)  # log π_θ(a_t|s_t) − log π_ref(a_t|s_t): a cost in r_t, not a gradient path
             if ref_model is not None:
                 with torch.no_grad():
@@ -488,7 +494,9 @@ def main() -> None:
     args = parse_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    if cuda and world > 1:  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if world > 1:  # one process per GPU (NCCL), or per share of the CPU (gloo)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     out_dir = Path(args.output_dir or f"runs/actor_critic-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")

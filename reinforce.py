@@ -298,41 +298,45 @@ def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finishe
 LOGITS_PER_CHUNK = 2**25  # 128 MiB in float32: the most of the LM head's output that exists at once
 
 
-def logprob_chunk(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
+def logprob_chunk(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
     z = lm_head(hidden)
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     log_normaliser = z.logsumexp(-1)
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser  # log π(a|s) = z_a/T − logsumexp(z/T)
+    if not entropy:
+        return logp, torch.empty(0)
     with torch.no_grad():  # the entropy is only logged
-        entropy = log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
-    return z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser, entropy  # log π(a|s) = z_a/T − logsumexp
+        return logp, log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
 
 
-def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float):
-    """log π(a | s) of each token a [N] after each hidden state h(s) [N, H], and the entropy of π(· | s)
-    [N] without gradient. Rows go through the LM head in chunks, so no [N, V] tensor exists at once;
-    with gradients each chunk is recomputed in the backward pass (checkpointed), so none is kept for it
-    either: with V = 150,000, a float32 [N, V] takes 0.6 MB per token."""
+def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
+    """log π(a | s) of each token a [N] after each hidden state h(s) [N, H] and, if asked, the entropy of
+    π(· | s) [N], without gradient (else None). Rows go through the LM head in chunks, so no [N, V] tensor
+    exists at once; with gradients each chunk is recomputed in the backward pass (checkpointed), so none
+    is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per token. The entropy is
+    elementwise work over [N, V] (with a large vocabulary on a CPU, a third of a forward and backward):
+    ask for it where it is logged."""
     rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     chunks = [
-        checkpoint(logprob_chunk, lm_head, h, a, temperature, use_reentrant=False)
+        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, use_reentrant=False)
         if torch.is_grad_enabled()
-        else logprob_chunk(lm_head, h, a, temperature)
+        else logprob_chunk(lm_head, h, a, temperature, entropy)
         for h, a in zip(hidden.split(rows), tokens.split(rows))
     ]
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
 
 
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int, temperature: float):
-    """log π_θ(a_t | s_t) of each response token and the entropy of π_θ(· | s_t) (no gradient: it is only
-    logged), each [B, T] and 0 on padding, from one forward pass with the sampler's attention mask,
-    position ids and temperature."""
+def token_logprobs(model, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
+    """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
+    it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
+    attention mask, position ids and temperature."""
     mask = attn[:, n_prompt:].bool()  # the response mask
     with autocast(ids.device):
         out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
         hidden = out.last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
         lm_head, tokens = model.get_output_embeddings(), ids[:, n_prompt:]
-        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature)
-    unpack = lambda x: x.new_zeros(mask.shape).masked_scatter(mask, x)
+        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy)
+    unpack = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
     return unpack(logp), unpack(entropy)
 
 
@@ -427,7 +431,9 @@ def main() -> None:
     args = parse_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    if cuda and world > 1:  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if world > 1:  # one process per GPU (NCCL), or per share of the CPU (gloo)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     out_dir = Path(args.output_dir or f"runs/reinforce-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -487,7 +493,7 @@ def main() -> None:
         #    it is scaled by the same advantage as the score.
         chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
         with torch.no_grad():
-            passes = [token_logprobs(policy, ids[c], attn[c], n_prompt, args.temperature) for c in chunks]
+            passes = [token_logprobs(policy, ids[c], attn[c], n_prompt, args.temperature, True) for c in chunks]
             logp, entropy = (torch.cat(x) for x in zip(*passes))
             kl = torch.zeros_like(scores)
             if ref_model is not None:

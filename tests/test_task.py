@@ -95,9 +95,9 @@ def test_every_script_samples_and_scores_tokens_identically(scripts, policy):
     reinforce, actor_critic, ppo = scripts
     ids, attn, n_prompt = outputs[0][:3]
     with torch.no_grad():
-        expected = reinforce.token_logprobs(model, ids, attn, n_prompt, 1.5)
+        expected = reinforce.token_logprobs(model, ids, attn, n_prompt, 1.5, entropy=True)
         for module in (actor_critic, ppo):
-            assert all(map(torch.equal, module.forward(model, ids, attn, n_prompt, 1.5)[:2], expected))
+            assert all(map(torch.equal, module.forward(model, ids, attn, n_prompt, 1.5, entropy=True)[:2], expected))
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +198,9 @@ def gpt2_64():
 @given(data=st.data(), temperature=st.floats(0.3, 2.0), rows=st.integers(1, 5))
 def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, scripts, data, temperature, rows):
     """Each script's log-probs, computed from the LM head in checkpointed chunks of `rows` tokens, equal
-    log_softmax(logits/T) gathered from the whole logits tensor, and so do their gradients, to 1e-10 in
-    float64, for left-padded prompts and responses of several lengths with junk after their end."""
+    log_softmax(logits/T) gathered from the whole logits tensor, and so do their gradients and the
+    entropies, to 1e-10 in float64, for left-padded prompts and responses of several lengths with junk
+    after their end."""
     batch, width, n_prompt = 3, 4, 4
     prompt_lengths = data.draw(st.lists(st.integers(1, n_prompt), min_size=batch, max_size=batch))
     lengths = data.draw(st.lists(st.integers(1, width), min_size=batch, max_size=batch))
@@ -222,6 +223,11 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, s
         return logp[mask].detach(), [p.grad.clone() for p in gpt2_64.parameters()]
 
     expected, expected_grads = with_gradient(plain)
+    with torch.no_grad():
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1]
+        logp_all = (logits / temperature).log_softmax(-1)
+        plain_entropy = -(logp_all.exp() * logp_all).sum(-1)  # H(π(· | s_t)) = −Σ_a π(a|s_t)·log π(a|s_t)
     for module in scripts:
         chunk, module.LOGITS_PER_CHUNK = module.LOGITS_PER_CHUNK, rows * 11  # `rows` tokens per chunk: several
         score = module.token_logprobs if module.__name__ == "reinforce" else module.forward
@@ -232,6 +238,9 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, s
         torch.testing.assert_close(logp, expected, rtol=0, atol=1e-10)
         for g, e in zip(grads, expected_grads):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+        with torch.no_grad():
+            entropy = score(gpt2_64, ids, attn, n_prompt, temperature, entropy=True)[1]
+        torch.testing.assert_close(entropy[mask], plain_entropy[mask], rtol=0, atol=1e-10)
 
 
 # ---- Gradient checkpointing and resume, each script run in this process ----
