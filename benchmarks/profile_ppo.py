@@ -10,7 +10,9 @@ each phase calls in timers (ppo.py itself is left untouched):
   evaluation, setup: evaluate(), and loading, copying and saving models: not part of an iteration
 
 A timer counts time exclusive of the timed calls nested inside it, so nothing is counted twice;
-"other" is the remainder of the wall time (GAE, whitening, statistics, logging).
+"other" is the remainder of the wall time (GAE, whitening, statistics, logging). The figures cover
+iterations 1..N: ppo.py's iteration 0 (which samples and scores a batch without updating) and its
+evaluations, sampling included, stay out.
 
     python benchmarks/profile_ppo.py                       # ppo.py's defaults, 10 iterations
     python benchmarks/profile_ppo.py --iterations 5 -- --num-prompts 512 --max-new-tokens 12
@@ -52,41 +54,64 @@ def timed(phase_of, fn):
     return wrapper
 
 
+evaluations: list[tuple[dict, dict]] = []  # the totals and the clock at the start and at the end of each evaluation
+
+
+def snapshot() -> dict[str, float]:
+    return {"wall": time.perf_counter(), **totals}
+
+
+def marked(fn):
+    def wrapper(*args, **kwargs):
+        start = snapshot()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            evaluations.append((start, snapshot()))
+
+    return wrapper
+
+
 def instrument() -> None:
     ppo.sample = timed("generation", ppo.sample)
     ppo.decode = timed("scoring", ppo.decode)
     ppo.reward = timed("scoring", ppo.reward)
+    ppo.reward_model_scores = timed("scoring", ppo.reward_model_scores)
     ppo.forward = timed(lambda: "update: forward" if torch.is_grad_enabled() else "forward", ppo.forward)
-    ppo.evaluate = timed("evaluation", ppo.evaluate)
+    ppo.evaluate = marked(timed("evaluation", ppo.evaluate))
     ppo.load_policy = timed("setup", ppo.load_policy)
+    ppo.load_reward_model = timed("setup", ppo.load_reward_model)
     ppo.save = timed("setup", ppo.save)
     ppo.copy.deepcopy = timed("setup", ppo.copy.deepcopy)
     torch.Tensor.backward = timed("update: backward", torch.Tensor.backward)
     torch.optim.Adam.step = timed("update: Adam", torch.optim.Adam.step)
 
 
+def per_iteration(evaluations: list[tuple[dict, dict]], iterations: int) -> dict[str, float]:
+    """Seconds per iteration by phase, from the end of the first evaluation to the start of the last, less
+    any evaluation in between. ppo.py evaluates after iteration 0 (which samples and scores a batch without
+    updating) and after the last, so this covers iterations 1..N; everything an evaluation does, its own
+    sampling included, stays out."""
+    (_, first), *between, (last, _) = evaluations
+    spent = {k: last.get(k, 0.0) - first.get(k, 0.0) for k in last}
+    for start, end in between:
+        spent = {k: v - (end.get(k, 0.0) - start.get(k, 0.0)) for k, v in spent.items()}
+    phases = {k: v / iterations for k, v in spent.items() if k not in ("wall", "evaluation", "setup") and v > 0}
+    phases["other"] = (spent["wall"] - sum(v for k, v in spent.items() if k != "wall")) / iterations
+    return phases
+
+
 def profile(iterations: int, extra: list[str]) -> dict[str, float]:
-    """Seconds per iteration by phase, for ppo.py run with `extra` flags."""
+    """Seconds per iteration by phase, for ppo.py run with `extra` flags (iterations 1..N)."""
     totals.clear()
+    evaluations.clear()
     defaults = ppo.Args()
     batch = next((int(extra[i + 1]) for i, a in enumerate(extra) if a == "--num-prompts"), defaults.num_prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        sys.argv = [
-            "ppo.py",
-            "--total-episodes",
-            str(iterations * batch),
-            "--eval-every",
-            str(10**9),
-            "--output-dir",
-            tmp,
-            *extra,
-        ]
-        start = time.perf_counter()
+        budget = ["--total-episodes", str(iterations * batch), "--eval-every", str(10**9)]
+        sys.argv = ["ppo.py", *budget, "--output-dir", tmp, *extra]
         ppo.main()
-        wall = time.perf_counter() - start
-    per_iter = {k: v / iterations for k, v in totals.items() if k not in ("evaluation", "setup")}
-    per_iter["other"] = (wall - sum(totals.values())) / iterations
-    return per_iter
+    return per_iteration(evaluations, iterations)
 
 
 def report(per_iter: dict[str, float], title: str) -> None:

@@ -3,7 +3,9 @@ benchmarks/critic_ceiling.py on a policy whose true values are known."""
 
 import importlib.util
 import json
+import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -112,3 +114,74 @@ def test_critic_ceiling_is_one_for_a_deterministic_policy():
         str(CHECKPOINT), n_prompts=32, rollouts=2, temperature=1e-4, max_new_tokens=6, seed=0
     )
     assert tokens >= 64 and 0 < score < 1 and ev == 1.0
+
+
+def qwen2_parameters(c) -> int:
+    """Qwen2's parameter count, written out from its config: per layer q, k, v with biases, o without,
+    the gated MLP's three matrices and two RMSNorms; the embedding (and an untied LM head); the last norm."""
+    h, kv = c.hidden_size, c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * c.intermediate_size + 2 * h
+    return c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * layer + h
+
+
+def test_scale_tiny_reports_every_phase_throughput_and_memory_of_the_model_it_was_asked_for(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    flags = ["--size", "tiny", "--iterations", "2", "--num-prompts", "8", "--max-new-tokens", "8"]
+    proc, _ = run_script("benchmarks/scale.py", *flags, "--model-dir", str(tmp_path), "--", "--num-minibatches", "2")
+    report = proc.stdout[proc.stdout.index("## benchmarks/scale.py") :]
+    rows = [line.split("|")[1:3] for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    ms = {phase.strip(" *"): float(value.strip(" *")) for phase, value in rows[1:]}
+    phases = ["generation", "scoring", "forward", "update: forward", "update: backward", "update: Adam", "other"]
+    assert set(ms) == {*phases, "total"} and all(ms[p] > 0 for p in phases if p != "other")
+    assert abs(sum(ms[p] for p in phases) - ms["total"]) < 0.5  # rounded to 0.1 ms each
+    assert float(re.search(r"response tokens per second: ([\d,.]+)", report)[1].replace(",", "")) > 0
+    assert float(re.search(r"peak RSS of the process: ([\d,]+) MiB", report)[1].replace(",", "")) > 50
+    assert "evaluations and saves skipped" in report and "run to --max-new-tokens" in report
+
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("qwen2", 2, 64)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    printed = int(re.search(r"([\d,]+) parameters", report)[1].replace(",", ""))
+    assert printed == qwen2_parameters(config) == sum(p.numel() for p in model.parameters())
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == config.vocab_size == 64 and tok.decode(tok("12+34=")["input_ids"]) == "12+34="
+    stops = GenerationConfig.from_pretrained(tmp_path).eos_token_id
+    assert stops == [tok.eos_token_id, *tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])] == [1, 62, 63]
+
+
+def test_scale_tokenizer_covers_qwens_vocabulary_and_encodes_prompts_as_the_embedded_one(tmp_path):
+    """Checked as ppo.py loads it: AutoTokenizer gives any qwen2 folder a Qwen2Tokenizer, whatever class was saved."""
+    from transformers import AutoTokenizer
+
+    from benchmarks import scale
+
+    config_class, kwargs = scale.SIZES["vocab"]
+    config_class(**kwargs).save_pretrained(tmp_path)
+    scale.make_tokenizer(scale.QWEN_VOCAB).save_pretrained(tmp_path)
+    tok, embedded = AutoTokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(CHECKPOINT)
+    fillers = tok.convert_ids_to_tokens([14, 151_933, 151_934, 151_935])
+    assert len(tok) == 151_936 and fillers == ["<t14>", "<t151933>", "<|im_end|>", "<|endoftext|>"]
+    ids = tok("12+34=")["input_ids"]
+    assert ids == embedded("12+34=")["input_ids"] and tok.decode(ids) == "12+34="
+    assert (tok.pad_token_id, tok.eos_token_id) == (embedded.pad_token_id, embedded.eos_token_id)
+
+
+def test_profile_per_iteration_figures_leave_out_iteration_0_and_everything_inside_an_evaluation():
+    """ppo.py runs iteration 0 (sampling and scoring, no update) and an evaluation before iteration 1, and
+    evaluates after the last: the figures are iterations 1..N alone. Here iteration 0 costs 5 s of
+    generation and 3 of forward passes, every evaluation 8 s of (nested) generation and 2 of its own,
+    the save after iteration 0 0.5 s of setup, and iterations 1 and 2 each 1 s of generation, 1 of
+    forward, 2 of update and 0.25 of nothing timed; an evaluation (--eval-every) sits between them."""
+    from benchmarks import profile_ppo
+
+    evaluations = [
+        ({"wall": 10, "generation": 5, "forward": 3}, {"wall": 20, "generation": 13, "forward": 3, "evaluation": 2}),
+        (
+            {"wall": 24.75, "generation": 14, "forward": 4, "evaluation": 2, "setup": 0.5, "update: forward": 2},
+            {"wall": 34.75, "generation": 22, "forward": 4, "evaluation": 4, "setup": 0.5, "update: forward": 2},
+        ),
+        ({"wall": 39, "generation": 23, "forward": 5, "evaluation": 4, "setup": 0.5, "update: forward": 4}, {}),
+    ]
+    per_iteration = profile_ppo.per_iteration(evaluations, iterations=2)
+    assert per_iteration == pytest.approx({"generation": 1, "forward": 1, "update: forward": 2, "other": 0.25})
