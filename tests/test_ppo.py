@@ -26,6 +26,7 @@ from tiny import (
     response_batch,
     run_main,
     run_script,
+    score_alone,
     tiny_model,
     without_seconds,
 )
@@ -207,12 +208,6 @@ def tiny_reward_model(path, pad_token: bool):
     GPT2ForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-def score_alone(model, tok, text: str) -> float:
-    """The reward model's score of one text, unpadded: its output at the text's last position."""
-    with torch.no_grad():
-        return model.score(model.base_model(**tok([text], return_tensors="pt")).last_hidden_state[0, -1]).item()
 
 
 @pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "no-pad: EOS pads"])

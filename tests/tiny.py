@@ -140,6 +140,12 @@ class TableHead:
         return hidden @ self.theta
 
 
+def score_alone(model, tok, text: str) -> float:
+    """A reward model's raw score of one text, unpadded: its score head on the last position's hidden state."""
+    with torch.no_grad():
+        return model.score(model.base_model(**tok([text], return_tensors="pt")).last_hidden_state[0, -1]).item()
+
+
 # ---- Running a script end to end ----
 def run_script(
     script: str | Path, *flags: str, out_dir: Path | None = None, cwd: Path | None = None, check: bool = True

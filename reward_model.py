@@ -1,0 +1,501 @@
+"""Train a reward model on preferences between the starting policy's own responses: the middle step of
+InstructGPT's loop (Ouyang et al. 2022), SFT (sft.py) -> reward model (this file) -> PPO (ppo.py --reward-model).
+
+Preferences. For a training prompt (never an evaluation one) the starting policy samples two responses, and
+the gold preference is the task's own: a right answer (`reward` = 1) beats a wrong one. A pair where both are
+right or both are wrong carries no gold preference and is skipped, so the model learns exactly "right beats
+wrong"; sampling goes on until --num-pairs pairs with a preference are in hand, or ends with an error once
+fewer than 1 sampled pair in 50 has one (a policy almost never, or almost always, right). --label-noise p
+flips each training label with probability p, a labeller who errs at that rate; the --eval-pairs held out
+keep clean labels, so their pairwise accuracy measures agreement with the gold preference.
+
+The model. A sequence classifier with one output, initialised from the policy's backbone (a new linear `score`
+head on its last hidden state), read at the last token of exactly the text ppo.py gives it: reward_model_text
+and reward_model_scores are ppo.py's, copied. It is trained on the Bradley-Terry likelihood
+P(y_w ≻ y_l) = σ(r(x, y_w) − r(x, y_l)) of each pair, minimising −log σ(r_w − r_l).
+
+The offset and the scale. Only differences of scores are trained, so their level is arbitrary, and their
+spread is whatever the training made it. After training, the score head is divided by the standard deviation
+of the scores of fresh samples from the starting policy, at the temperature PPO will sample at
+(--calibration-temperature), and their mean is stored in config.reward_offset, which reward_model_scores
+subtracts: the starting policy's responses then score mean 0 and standard deviation 1 in PPO, as OpenAI's
+lm-human-preferences and the RLHF replications normalise their reward models. PPO's value head starts at 0 and
+value clipping lets V move about ε_v = 0.2 from V_old per batch, in raw units: targets far from 0, or spread
+over several units, would take the critic many batches to reach. And β, the price of a nat of KL, means the
+same thing for every reward model.
+
+    python reward_model.py                                   # the embedded policy, a minute or two on a CPU
+    python ppo.py --reward-model runs/reward_model-1-...     # PPO on the learned reward
+    python reward_model.py --help
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import torch
+import torch.nn.functional as F
+import tyro
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+HERE = Path(__file__).resolve().parent
+hf_logging.disable_progress_bar()  # loading and saving bars would drown the training log
+MAX_SAMPLED_PER_PAIR = 50  # give up when fewer than 1 sampled pair in 50 has a gold preference
+
+
+@dataclass
+class Args:
+    model: str = str(HERE / "checkpoints" / "sft-addition")
+    """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
+    seed: int = 1
+    """seed for the prompts, the sampling, the label noise, the new score head and the minibatch order"""
+    num_pairs: int = 4096
+    """preference pairs to collect (one right and one wrong response to a training prompt), held-out ones included"""
+    eval_pairs: int = 512
+    """of those, held out with clean labels to measure pairwise accuracy"""
+    label_noise: float = 0.0
+    """flip the label of each training pair with this probability, as a labeller who errs would"""
+    max_new_tokens: int = 6
+    """longest response; one that has not emitted a stop token by then is cut off"""
+    temperature: float = 1.0
+    """sampling temperature of the starting policy for the preference pairs"""
+    learning_rate: float = 1e-4
+    """Adam learning rate at the first step; it decays linearly to 0"""
+    epochs: int = 20
+    """passes over the training pairs"""
+    batch_size: int = 32
+    """pairs per Adam step"""
+    micro_batch_size: int = 32
+    """pairs per forward/backward pass; gradients accumulate over micro-batches"""
+    inference_batch_size: int = 256
+    """prompts or texts per pass without gradients: sampling, held-out accuracy, calibration"""
+    calibration_samples: int = 2048
+    """fresh samples of the starting policy whose mean score becomes config.reward_offset"""
+    calibration_temperature: float = 0.5
+    """their sampling temperature: the --temperature PPO will sample at (ppo.py's default is 0.5)"""
+    output_dir: str | None = None
+    """where the reward model, tokenizer, args.json and metrics.json go (default: runs/reward_model-<seed>-<time>)"""
+    device: str = "auto"
+    """auto = cuda when available, else cpu"""
+
+
+def cli_error(argv: list[str]) -> str:
+    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
+    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
+    groups = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append(token.split("=", 1))
+        elif not groups:
+            return f"unexpected argument {token!r}"
+        else:
+            groups[-1].append(token)
+    for flag, *values in groups:
+        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
+        if field is None:
+            return f"unrecognized flag {flag}"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                tyro.cli(Args, args=[flag, *values])
+        except SystemExit:
+            if field.type is bool:
+                return f"{flag} takes no value"
+            kinds = get_args(field.type) or (field.type,)
+            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
+                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
+            )
+            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
+    return "cannot parse " + " ".join(argv)
+
+
+def parse_args() -> Args:
+    """The command line, checked: bad input ends the run here with one line on stderr."""
+    argv = sys.argv[1:]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
+            args = tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code == 0:
+            raise  # --help, printed on stdout
+        sys.exit(f"error: {cli_error(argv)}")
+    args.output_dir = args.output_dir or f"runs/reward_model-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.output_dir)
+    flag = lambda name: "--" + name.replace("_", "-")
+    at_least_one = ["eval_pairs", "max_new_tokens", "epochs", "batch_size", "micro_batch_size"]
+    at_least_one += ["inference_batch_size", "calibration_samples"]
+    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
+    positive = ["learning_rate", "temperature", "calibration_temperature"]
+    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
+    problems += [
+        (
+            not args.num_pairs > args.eval_pairs,
+            f"--num-pairs {args.num_pairs} leaves no pair to train on after --eval-pairs {args.eval_pairs}",
+        ),
+        (not 0 <= args.label_noise <= 0.5, "--label-noise must be in [0, 0.5]: beyond 0.5 it reverses the preference"),
+        # The save replaces the whole folder: never one that holds anything but an earlier reward model.
+        (
+            out.exists() and any(out.iterdir()) and not (out / "metrics.json").exists(),
+            f"--output-dir {out} exists and is not a reward model's folder: the save would replace it",
+        ),
+        (
+            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
+            "--device must be auto, cpu or cuda",
+        ),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+    ]
+    for bad, message in problems:
+        if bad:
+            sys.exit(f"error: {message}")
+    return args
+
+
+# ---- The task: two-digit addition. `reward` is the gold preference's judge. ----
+def reward(prompt: str, completion: str, finished: bool) -> float:
+    """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
+    `finished` is False when the response was cut off before a stop token."""
+    a, b = prompt.removesuffix("=").split("+")
+    return float(finished and completion == str(int(a) + int(b)))
+
+
+EVAL_SEED = 1234  # fixed forever, independent of --seed, so every run scores the same 500 pairs
+ALL_PAIRS = [(a, b) for a in range(100) for b in range(100)]
+EVAL_PAIRS = random.Random(EVAL_SEED).sample(ALL_PAIRS, 500)
+TRAIN_PAIRS = sorted(set(ALL_PAIRS) - set(EVAL_PAIRS))  # every training prompt, SFT and RL alike
+
+
+def prompt_of(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def preference(first: tuple, second: tuple) -> tuple | None:
+    """The gold preference between two responses to one prompt, each (prompt, completion, finished):
+    (chosen, rejected), the right one chosen; None when both are right or both wrong (such a pair is skipped)."""
+    r_first, r_second = reward(*first), reward(*second)
+    if r_first == r_second:
+        return None
+    return (first, second) if r_first > r_second else (second, first)
+
+
+def flip_labels(pairs: list, p: float, rng: random.Random) -> list:
+    """Each (chosen, rejected) swapped with probability p: one rng.random() per pair, in order."""
+    return [(rejected, chosen) if rng.random() < p else (chosen, rejected) for chosen, rejected in pairs]
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """−log P(chosen ≻ rejected) of each pair, P = σ(r_chosen − r_rejected) (Bradley and Terry 1952)."""
+    return -F.logsigmoid(chosen - rejected)
+
+
+# ---- Models and sampling (ppo.py's, copied) ----
+def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
+    (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
+    (the tokenizer's EOS and those of the generation config) ends up in generation_config.eos_token_id.
+    Tokenizers without a pad token reuse EOS for padding: padding is tracked by masks, never by id."""
+    try:
+        config = AutoConfig.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load {name}: {str(e).splitlines()[0]}")
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):  # one a config does not name
+            module.p = 0.0
+    eos = model.generation_config.eos_token_id
+    stops = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    if not stops:
+        sys.exit(f"error: {name} has no EOS token: a response could never end")
+    model.generation_config.eos_token_id = stops
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Log-probs are computed from the LM head applied to the last hidden state (see forward); a model
+    # that changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones.
+    with torch.no_grad():
+        probe = torch.tensor([stops[:1] * 2], device=device)
+        direct = model(input_ids=probe).logits[0, -1].float()
+        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state[0, -1]).float()
+    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
+        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
+    return model, tok
+
+
+def new_reward_model(name: str, tok, device: torch.device):
+    """The causal LM `name` as a sequence classifier with one output: its backbone, and a new linear `score`
+    head on the last hidden state (drawn from torch's generator, so seeded). Kept in eval mode throughout, as
+    ppo.py loads it: no dropout, so the score trained is the score PPO reads."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report would list the new head as missing, as it is meant to be
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device).eval()
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load {name} as a sequence classifier: {str(e).splitlines()[0]}")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        sys.exit(f"error: {name} as a sequence classifier has no `score` head on its last hidden state")
+    model.config.pad_token_id = tok.pad_token_id  # its own forward finds the last token by it
+    return model
+
+
+def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
+    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
+    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
+    return prompt + completion + (tok.eos_token if finished else "")
+
+
+def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
+    """The reward model's score of each text, read at its own last token: right padding, and the
+    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
+    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(model.device)
+        last = enc["attention_mask"].sum(1) - 1
+        with autocast(model.device):
+            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
+            scores.append(model.score(hidden).squeeze(-1).float())
+    return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, whatever the left padding."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Per row, index i with probability w_i / Σ_j w_j: the first i with c_i ≥ u, c the cumulative
+    sum (float64) and u uniform on (0, c_last]. An entry of weight 0 is never chosen."""
+    c = weights.double().cumsum(-1)
+    u = (1 - torch.rand(len(c), 1, dtype=c.dtype, device=c.device, generator=generator)) * c[:, -1:]
+    return torch.searchsorted(c, u).squeeze(-1)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, generator=None, block: int = 1024) -> torch.Tensor:
+    """One token per row of logits [B, V] from softmax(logits / T), exactly, and overwriting logits to
+    save a copy. The CDF is inverted in two stages, a block of `block` tokens by the blocks' mass, then
+    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry,
+    ten times the cost of the forward pass at 150,000 tokens on a CPU; and one float32 cumulative sum
+    over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
+    p = logits.div_(temperature)
+    p = p.sub_(p.amax(-1, keepdim=True)).exp_()  # softmax without its normaliser, which cancels
+    n, vocab = p.shape
+    block = min(block, vocab)
+    full = vocab - vocab % block  # the last block may be short
+    mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
+    columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
+    within = torch.where(columns < vocab, p.gather(1, columns.clamp(max=vocab - 1)), 0.0)
+    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
+           generator=None):  # fmt: skip
+    """Left-padded sampling with a KV cache, batch_size prompts at a time. Returns the token ids
+    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the
+    response mask [B, T] (1 on every generated token up to and including the first stop token, 0
+    after it) and whether each response ended on a stop token [B] (False: it was cut off). The stop
+    tokens are generation_config.eos_token_id, where load_policy put the tokenizer's EOS too."""
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    prompt_ids, prompt_attn = enc["input_ids"], enc["attention_mask"]
+    stops = torch.tensor(model.generation_config.eos_token_id, device=model.device)
+    responses = []
+    for ids, attn in zip(prompt_ids.split(batch_size), prompt_attn.split(batch_size)):
+        pos, cache, tokens = positions(attn), None, []
+        alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            step = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+            with autocast(ids.device):
+                out = model(**step, logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1].float()
+            next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
+            tokens.append(torch.where(alive, next_token, tok.pad_token_id))
+            attn = torch.cat([attn, alive.long()[:, None]], 1)
+            alive &= ~torch.isin(next_token, stops)
+            if not alive.any():
+                break
+            ids, pos = next_token[:, None], pos[:, -1:] + 1
+        responses.append(torch.stack(tokens, 1))
+    width = max(r.shape[1] for r in responses)
+    response = torch.cat(
+        [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses]
+    )
+    stopped = torch.isin(response, stops)
+    mask = stopped.cumsum(1) - stopped.long() == 0  # no stop token before t
+    ids, attn = torch.cat([prompt_ids, response], 1), torch.cat([prompt_attn, mask.long()], 1)
+    return ids, attn, prompt_ids.shape[1], mask, stopped.any(1)
+
+
+def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> list[str]:
+    """Each completion as sampled, without the stop token that ended it. Special tokens stay: a pad
+    or BOS inside a response is part of what the reward judges, never dropped for free."""
+    lengths = (response_mask.sum(1) - finished.long()).tolist()
+    return [tok.decode(row[:n], skip_special_tokens=False) for row, n in zip(response_ids.tolist(), lengths)]
+
+
+def responses(policy, tok, prompts: list[str], temperature: float, args: Args) -> list[tuple[str, str, bool]]:
+    """A sampled response to each prompt, as (prompt, completion, finished): what `reward` judges."""
+    ids, _, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, temperature,
+                                              args.inference_batch_size)  # fmt: skip
+    return list(zip(prompts, decode(tok, ids[:, n_prompt:], mask, finished), finished.tolist()))
+
+
+# ---- Training the reward model, and shifting it ----
+@torch.no_grad()
+def pairwise(model, tok, chosen: list[str], rejected: list[str], batch_size: int) -> tuple[float, float]:
+    """Pairwise accuracy (the share of pairs with r_chosen > r_rejected; a tie counts as wrong) and mean loss."""
+    r_chosen, r_rejected = (reward_model_scores(model, tok, texts, batch_size) for texts in (chosen, rejected))
+    return (r_chosen > r_rejected).double().mean().item(), bradley_terry_loss(r_chosen, r_rejected).mean().item()
+
+
+@torch.no_grad()
+def calibrate(model, tok, texts: list[str], batch_size: int) -> tuple[float, float]:
+    """Divide the score head by the standard deviation of the texts' raw scores and store their (divided)
+    mean in config.reward_offset, so that reward_model_scores gives them mean 0 and standard deviation 1.
+    A positive scale keeps every preference. Returns the offset and the scale."""
+    model.config.reward_offset = 0.0  # measure raw scores, whatever offset the model came with
+    raw = reward_model_scores(model, tok, texts, batch_size).double()
+    scale = raw.std(correction=0).item() or 1.0  # one text, or all alike: nothing to scale
+    for p in model.score.parameters():
+        p.div_(scale)
+    model.config.reward_offset = raw.mean().item() / scale
+    return model.config.reward_offset, scale
+
+
+def save(model, tok, path: Path, files: dict[str, dict]) -> None:
+    """The reward model and its tokenizer (loadable with from_pretrained) and `files` as JSON beside them.
+    Written to a temporary folder first, so an interrupted save never destroys the previous one."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    for name, content in files.items():
+        (tmp / name).write_text(json.dumps(content, indent=2))
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main() -> None:
+    args = parse_args()
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device(args.device if args.device.startswith("cuda") else "cuda" if cuda else "cpu")
+    out_dir = Path(args.output_dir)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)  # prompts and label noise
+    policy, tok = load_policy(args.model, device)
+    model = new_reward_model(args.model, tok, device)
+    n_train = args.num_pairs - args.eval_pairs
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    print(
+        f"reward_model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), {device}\n"
+        f"  {args.num_pairs} pairs ({n_train} to train on, label noise {args.label_noise}; {args.eval_pairs} held "
+        f"out), {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} pairs -> {out_dir}"
+    )
+
+    # 1. Preferences: two responses per training prompt, kept when exactly one of them is right.
+    start = last_print = time.time()
+    pairs, sampled = [], 0
+    while len(pairs) < args.num_pairs:
+        if sampled >= MAX_SAMPLED_PER_PAIR * args.num_pairs:
+            sys.exit(
+                f"error: {args.model} at --temperature {args.temperature}: only {len(pairs)} of {sampled} sampled "
+                f"pairs had one right and one wrong response, {args.num_pairs} needed"
+            )
+        prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(args.inference_batch_size)]
+        sampled_pairs = responses(policy, tok, prompts * 2, args.temperature, args)
+        for first, second in zip(sampled_pairs[: len(prompts)], sampled_pairs[len(prompts) :]):
+            if len(pairs) < args.num_pairs:
+                sampled += 1
+                pairs += filter(None, [preference(first, second)])
+        if time.time() - last_print >= 10:
+            last_print = time.time()
+            print(f"sampling  {len(pairs)} of {args.num_pairs} pairs from {sampled} sampled  {last_print - start:.0f}s")
+    held_out, train = pairs[: args.eval_pairs], pairs[args.eval_pairs :]  # i.i.d. pairs: a random split
+    train = flip_labels(train, args.label_noise, rng)
+    flipped = sum(reward(*chosen) < reward(*rejected) for chosen, rejected in train)
+    text = lambda response: reward_model_text(*response, tok)
+    held_out_chosen, held_out_rejected = ([text(pair[k]) for pair in held_out] for k in (0, 1))
+    chosen, rejected = ([text(pair[k]) for pair in train] for k in (0, 1))
+
+    # 2. Bradley-Terry: minimise −log σ(r_chosen − r_rejected), through the lines ppo.py scores with.
+    before = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
+    print(f"held-out accuracy {before[0]:.3f}  loss {before[1]:.3f}  before training  {time.time() - start:.0f}s")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    total_steps, step = args.epochs * steps_per_epoch, 0
+    for epoch in range(1, args.epochs + 1):
+        losses = []
+        for idx in torch.randperm(n_train).split(args.batch_size):
+            # Linear decay to 0, so the saved model is not a noisy snapshot of the last steps.
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * (1 - step / total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for mb in idx.split(args.micro_batch_size):
+                texts = [chosen[i] for i in mb] + [rejected[i] for i in mb]
+                r_chosen, r_rejected = reward_model_scores(model, tok, texts, len(texts)).split(len(mb))
+                loss = bradley_terry_loss(r_chosen, r_rejected).sum()
+                (loss / len(idx)).backward()  # the minibatch's mean, whatever the micro-batches
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                sys.exit(f"error: non-finite loss at epoch {epoch}, step {step + 1}; nothing was saved")
+            optimizer.step()
+            step += 1
+            losses.append(loss_sum / len(idx))
+            if time.time() - last_print >= 10:
+                last_print = time.time()
+                print(f"epoch {epoch}  step {step:5d}/{total_steps}  loss {losses[-1]:.3f}  {last_print - start:.0f}s")
+        accuracy, held_out_loss = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
+        train_loss = sum(losses) / len(losses)
+        print(f"epoch {epoch}  train loss {train_loss:.3f}  held-out accuracy {accuracy:.3f}  loss {held_out_loss:.3f}"
+              f"  {time.time() - start:.0f}s")  # fmt: skip
+
+    # 3. Shift: the starting policy's fresh samples score 0 on average (see the module docstring).
+    prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(args.calibration_samples)]
+    samples = responses(policy, tok, prompts, args.calibration_temperature, args)
+    offset, scale = calibrate(model, tok, [text(r) for r in samples], args.inference_batch_size)
+    metrics = {
+        "held_out_accuracy_before": before[0],
+        "held_out_accuracy": accuracy,
+        "held_out_loss_before": before[1],
+        "held_out_loss": held_out_loss,
+        "train_loss": train_loss,  # mean over the last epoch, on the (noisy) training labels
+        "reward_offset": offset,
+        "reward_scale": scale,  # the score head was divided by it
+        "num_pairs": args.num_pairs,
+        "train_pairs": n_train,
+        "eval_pairs": args.eval_pairs,
+        "flipped_labels": flipped,
+        "sampled_pairs": sampled,
+        "skipped_pairs": sampled - args.num_pairs,  # both right or both wrong: no gold preference
+        "seconds": round(time.time() - start, 3),
+    }
+    save(model, tok, out_dir, {"args.json": asdict(args), "metrics.json": metrics})
+    print(
+        f"reward_model: held-out accuracy {before[0]:.3f} -> {accuracy:.3f} in {metrics['seconds']:.0f}s, "
+        f"{sampled - args.num_pairs} of {sampled} sampled pairs skipped, scale {scale:.3f}, offset {offset:.4f}; "
+        f"saved to {out_dir}"
+    )
+
+
+if __name__ == "__main__":
+    main()
