@@ -185,3 +185,25 @@ def test_profile_per_iteration_figures_leave_out_iteration_0_and_everything_insi
     ]
     per_iteration = profile_ppo.per_iteration(evaluations, iterations=2)
     assert per_iteration == pytest.approx({"generation": 1, "forward": 1, "update: forward": 2, "other": 0.25})
+
+
+def test_overoptimization_quick_tabulates_and_plots_the_three_kl_settings(tmp_path):
+    """A reward model, then a PPO run per KL setting against it: one table row each, with the values of
+    the run's own metrics.jsonl, and the reward model's held-out accuracy."""
+    from benchmarks import overoptimization as O
+
+    proc, _ = run_script("benchmarks/overoptimization.py", "--quick", "--runs-dir", str(tmp_path / "runs"),
+                         "--out-dir", str(tmp_path / "out"))  # fmt: skip
+    text = (tmp_path / "out" / "overoptimization.md").read_text()
+    rows = [
+        line for line in text.splitlines() if line.startswith("| ") and "KL setting" not in line and "---" not in line
+    ]
+    assert [row.split("|")[1].strip() for row in rows] == list(O.SETTINGS)
+    for i, row in enumerate(rows):
+        metrics = [json.loads(line) for line in (tmp_path / "runs" / f"ppo-{i}" / "metrics.jsonl").read_text().split()]
+        tail = metrics[-8:]
+        assert f"{sum(r['gold_mean'] for r in tail) / len(tail):.3f}" == row.split("|")[4].strip()
+        assert f"{[r for r in metrics if 'eval_accuracy' in r][-1]['eval_accuracy']:.3f} |" in row
+    assert "Reward model: held-out pairwise accuracy" in text
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "out" / "overoptimization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
