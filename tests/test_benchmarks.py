@@ -200,7 +200,9 @@ def test_overoptimization_quick_tabulates_and_plots_the_three_kl_settings(tmp_pa
     ]
     assert [row.split("|")[1].strip() for row in rows] == list(O.SETTINGS)
     for i, row in enumerate(rows):
-        metrics = [json.loads(line) for line in (tmp_path / "runs" / f"ppo-{i}" / "metrics.jsonl").read_text().split()]
+        metrics = [
+            json.loads(line) for line in (tmp_path / "runs" / f"ppo-{i}" / "metrics.jsonl").read_text().splitlines()
+        ]
         tail = metrics[-8:]
         assert f"{sum(r['gold_mean'] for r in tail) / len(tail):.3f}" == row.split("|")[4].strip()
         assert f"{[r for r in metrics if 'eval_accuracy' in r][-1]['eval_accuracy']:.3f} |" in row
