@@ -140,6 +140,10 @@ def parse_args() -> Args:
         saved = Path(args.resume) / "model" / "training_state.pt"
         if args != Args(resume=args.resume):
             sys.exit("error: --resume continues a run with its own arguments: give no other flag")
+        old = saved.parent.with_name("model.old")
+        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
+            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
+                old.rename(saved.parent)
         if not saved.exists():
             sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
         args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})

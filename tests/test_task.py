@@ -5,6 +5,7 @@ memory-lean log-probs, gradient checkpointing, resume, bad input); and the embed
 import importlib
 import inspect
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -299,11 +300,13 @@ RESUMED = {
 }
 
 
+@pytest.mark.parametrize("within_a_save", [False, True], ids=["after-a-save", "between-a-saves-two-renames"])
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted_run_writes(
-    name, tmp_path, monkeypatch
+    name, within_a_save, tmp_path, monkeypatch
 ):
-    """4 iterations straight, against 2, an interruption right after the save at iteration 2 and
+    """4 iterations straight, against a run stopped right after the save at iteration 2 (or inside the
+    save at iteration 3, after model/ became model.old/ and before model.tmp/ took its place) and
     --resume: the same metrics.jsonl rows apart from `seconds`, and a saved policy that plain
     from_pretrained loads."""
     module = importlib.import_module(name)
@@ -311,17 +314,26 @@ def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted
     flags = (*TINY[name], *RESUMED[name], "--max-new-tokens", "4", "--total-episodes", str(4 * batch),
              "--eval-every", str(batch))  # fmt: skip
     straight = run_main(module, *flags, "--output-dir", str(tmp_path / "straight"))
-    save = module.save
+    save, rename = module.save, Path.rename
+
+    def stopped_at_the_second_rename(path, target):
+        if path.name == "model.tmp":
+            raise KeyboardInterrupt
+        return rename(path, target)
 
     def save_then_stop(model, tok, path, state):
+        if within_a_save and state["iteration"] == 3:
+            monkeypatch.setattr(Path, "rename", stopped_at_the_second_rename)
         save(model, tok, path, state)
-        if state["iteration"] == 2:
+        if not within_a_save and state["iteration"] == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_main(module, *flags, "--output-dir", str(tmp_path / "resumed"))
     monkeypatch.setattr(module, "save", save)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert (tmp_path / "resumed" / "model").exists() != within_a_save
     resumed = run_main(module, "--resume", str(tmp_path / "resumed"))
     assert [r["iteration"] for r in straight] == [0, 1, 2, 3, 4]
     assert without_seconds(resumed) == without_seconds(straight)
