@@ -717,7 +717,7 @@ def main() -> None:
         # 3. Log, adapt β, evaluate and save (rank 0; the others wait, so a save is never half-written).
         episodes = iteration * batch_size
         row = {"iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3), "beta": beta}
-        row.update(batch_stats(batch, rewards, returns), **(update_stats(steps, grad_norms) if steps else {}))
+        row.update(batch_stats(batch, rewards, returns), **(update_stats(steps, grad_norms) if iteration > 0 else {}))
         row = {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
         if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
             beta = adaptive_kl_coef(beta, row["kl"], args.kl_target, batch_size, args.kl_horizon)
