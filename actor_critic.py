@@ -83,7 +83,7 @@ class Args:
     micro_batch_size: int = 64
     """responses per forward/backward pass; gradients accumulate over micro-batches"""
     inference_batch_size: int = 256
-    """responses per pass without gradients: sampling, π_ref, evaluation"""
+    """responses per pass without gradients: sampling and evaluation (π_ref runs with each update micro-batch)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
     eval_every: int = 12_800
