@@ -457,12 +457,6 @@ def update(model, optimizer, ref_model, batch: dict, n_prompt: int, args: Args, 
 
 
 # ---- Evaluation and saving ----
-def global_max(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, dist.ReduceOp.MAX)
-    return x
-
-
 @torch.no_grad()
 def evaluate(model, tok, args: Args) -> dict:
     """Greedy exact-match accuracy and mean sampled reward on the fixed 500 evaluation pairs.

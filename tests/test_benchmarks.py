@@ -187,6 +187,20 @@ def test_profile_per_iteration_figures_leave_out_iteration_0_and_everything_insi
     assert per_iteration == pytest.approx({"generation": 1, "forward": 1, "update: forward": 2, "other": 0.25})
 
 
+def test_overoptimization_table_reads_the_end_as_the_last_8_iterations_and_names_the_best_evaluation():
+    """Ten iterations whose proxy is i, gold i/10 and KL i at iteration i: the end is the mean over
+    iterations 2..9 (5.5, 0.55, 5.5 nats, √5.5 = 2.35); evaluations at iterations 0, 5 and 9 scored
+    0.3, 0.6 and 0.5, so the best is 0.6, after 500 episodes. (--quick runs too few iterations to tell.)"""
+    from benchmarks import overoptimization as O
+
+    rows = [dict(iteration=i, episodes=100 * i, seconds=i, score_mean=i, gold_mean=i / 10, kl=i) for i in range(10)]
+    for i, accuracy in ((0, 0.3), (5, 0.6), (9, 0.5)):
+        rows[i]["eval_accuracy"] = accuracy
+    rm = dict(held_out_accuracy_before=0.5, held_out_accuracy=0.8, eval_pairs=32, train_pairs=64, seconds=3)
+    text = O.table({"β = 0": rows}, rm)
+    assert "| β = 0 | 0.300 → 0.600 (500) → 0.500 | +5.50 | 0.550 | 5.50 (2.35) | 9 s |" in text.splitlines()
+
+
 def test_overoptimization_quick_tabulates_and_plots_the_three_kl_settings(tmp_path):
     """A reward model, then a PPO run per KL setting against it: one table row each, with the values of
     the run's own metrics.jsonl, and the reward model's held-out accuracy."""

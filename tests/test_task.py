@@ -30,7 +30,7 @@ from tiny import (
 SCRIPTS = ["reinforce", "actor_critic", "ppo"]
 SHARED = ["cli_error", "reward", "prompt_of", "load_policy", "positions", "autocast", "inverse_cdf", "sample_token",
           "sample", "decode", "logprob_chunk", "response_logprobs", "global_sum", "evaluate", "save"]  # fmt: skip
-SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_sum", "masked_mean", "masked_var", "global_max"]
+SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_sum", "masked_mean", "masked_var"]
 
 
 @pytest.fixture(scope="module")
