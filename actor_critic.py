@@ -1,27 +1,29 @@
-"""Advantage actor-critic with GAE, on a causal language model (Konda & Tsitsiklis 2000;
-Mnih et al. 2016; Schulman et al. 2016).
+"""Advantage actor-critic with GAE, on a causal language model (Konda & Tsitsiklis 2000; Mnih et al. 2016;
+Schulman et al. 2016).
 
-The policy π_θ (the actor) writes a response one token at a time: the state s_t is the prompt
-and the tokens so far, the action a_t is the next token, and the reward r_t is the task score
-on the response's last token (minus an optional KL penalty on every token). A critic V_φ(s_t)
-estimates the return to come from each state, so each token gets its own advantage, how much
-better the action turned out than the critic expected:
+The policy π_θ (the actor) writes a response one token at a time: the state s_t is the prompt and the
+tokens so far, the action a_t is the next token, and the reward r_t is the task score on the response's
+last token (minus an optional KL penalty on every token). A critic V_φ(s_t) estimates the return to come
+from each state, so each token gets its own advantage, how much better the action turned out than the
+critic expected:
 
     δ_t = r_t + γ·V_φ(s_{t+1}) − V_φ(s_t)                  the TD error
     A_t = Σ_l (γλ)^l·δ_{t+l}                               GAE (gae.py)
     ∇J(θ) ≈ E[ Σ_t A_t·∇ log π_θ(a_t | s_t) ]
 
-and the critic regresses on the λ-return R_t = A_t + V_φ(s_t). λ = 1 gives the Monte Carlo
-return, unbiased whatever V_φ is (V_φ is then just a baseline); λ < 1 leans on V_φ, which lowers
-the variance and is unbiased only when V_φ = V^π.
+and the critic regresses on the λ-return R_t = A_t + V_φ(s_t). λ = 1 gives the Monte Carlo return,
+unbiased whatever V_φ is (V_φ is then just a baseline); λ < 1 leans on V_φ, which lowers the variance
+and is unbiased only when V_φ = V^π. One gradient step per batch: no sample is reused (that is PPO).
 
-    python actor_critic.py                              # the embedded addition policy, minutes on a CPU
-    torchrun --nproc-per-node 8 actor_critic.py ...     # the same algorithm, data-parallel over 8 GPUs
-    python actor_critic.py --resume runs/actor_critic-... # continue an interrupted run from its last save
+    python actor_critic.py                                 # the embedded addition policy, minutes on a CPU
+    torchrun --nproc-per-node 8 actor_critic.py ...        # the same algorithm, data-parallel over 8 GPUs
+    python actor_critic.py --resume runs/actor_critic-...  # continue an interrupted run from its last save
     python actor_critic.py --help
 
-Self-contained on purpose: copy this file and gae.py (it needs nothing else from this project)
-and replace `reward` below to train on your own task.
+The file, in reading order: Args; the task (`reward` and the prompts: the block to replace for your
+own task); actor-critic's pieces (token_rewards, actor_loss, critic_loss, update); main() with the loop;
+then, below the banners, the language-model machinery and the plumbing, the same in every script.
+Self-contained on purpose: copy this file and gae.py into your project.
 """
 
 import contextlib
@@ -55,37 +57,13 @@ hf_logging.disable_progress_bar()  # loading and saving bars would drown the tra
 
 @dataclass
 class Args:
+    # ---- The run ----
     model: str = str(HERE / "checkpoints" / "sft-addition")
     """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
     total_episodes: int = 128_000
     """sampled responses to train on"""
-    num_prompts: int = 64
-    """prompts per iteration over all processes, one response each (the critic is the baseline)"""
-    # Shared by default: a separate critic learned no faster per episode here, at 1.6x the time per episode.
-    critic: Literal["shared", "separate"] = "shared"
-    """V_φ: shared = a value head on the policy's last hidden state; separate = on a copy of its backbone"""
-    learning_rate: float = 1e-4
-    """Adam learning rate of the policy and the critic at the first update; it decays linearly to 0"""
-    gamma: float = 1.0
-    """γ: discount per token"""
-    gae_lambda: float = 0.95
-    """λ: GAE's trade between the critic's bias (0) and the Monte Carlo return's variance (1)"""
-    max_grad_norm: float = 1.0
-    """clip the gradient's global norm to this"""
-    max_new_tokens: int = 6
-    """longest response; one that has not emitted a stop token by then is cut off and scores 0"""
-    temperature: float = 1.0
-    """sampling temperature, used identically when computing log-probs"""
-    kl_coef: float = 0.0
-    """β: subtract β·(log π_θ − log π_ref) from every token's reward (0 = no reference model)"""
-    micro_batch_size: int = 64
-    """responses per forward/backward pass; gradients accumulate over micro-batches"""
-    inference_batch_size: int = 256
-    """responses per pass without gradients: sampling and evaluation (π_ref runs with each update micro-batch)"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
     eval_every: int = 12_800
     """episodes between evaluations and saves (one also runs before the first update and after the last)"""
     output_dir: str | None = None
@@ -94,88 +72,37 @@ class Args:
     """continue the run saved in this folder, with its own arguments (give no other flag)"""
     device: str = "auto"
     """auto = cuda when available, else cpu"""
+    # ---- Sampling ----
+    num_prompts: int = 64
+    """prompts per iteration over all processes, one response each (the critic is the baseline)"""
+    max_new_tokens: int = 6
+    """longest response; one that has not emitted a stop token by then is cut off and scores 0"""
+    temperature: float = 1.0
+    """sampling temperature, used identically when computing log-probs"""
+    # ---- Actor-critic ----
+    learning_rate: float = 1e-4
+    """Adam learning rate of the policy and the critic at the first update; it decays linearly to 0"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+    critic: Literal["shared", "separate"] = "shared"
+    """V_φ: shared = a value head on the policy's last hidden state; separate = on a copy of its backbone"""
+    gamma: float = 1.0
+    """γ: discount per token"""
+    gae_lambda: float = 0.95
+    """λ: GAE's trade between the critic's bias (0) and the Monte Carlo return's variance (1)"""
+    # ---- KL and reward ----
+    kl_coef: float = 0.0
+    """β: subtract β·(log π_θ − log π_ref) from every token's reward (0 = no reference model)"""
+    # ---- Memory ----
+    micro_batch_size: int = 64
+    """responses per forward/backward pass; gradients accumulate over micro-batches"""
+    inference_batch_size: int = 256
+    """responses per pass without gradients: sampling and evaluation (π_ref runs with each update micro-batch)"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
 
 
-def cli_error(argv: list[str]) -> str:
-    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
-    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
-    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
-    groups = []
-    for token in argv:
-        if token.startswith("--"):
-            groups.append(token.split("=", 1))
-        elif not groups:
-            return f"unexpected argument {token!r}"
-        else:
-            groups[-1].append(token)
-    for flag, *values in groups:
-        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
-        if field is None:
-            return f"unrecognized flag {flag}"
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                tyro.cli(Args, args=[flag, *values])
-        except SystemExit:
-            if field.type is bool:
-                return f"{flag} takes no value"
-            kinds = get_args(field.type) or (field.type,)
-            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
-                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
-            )
-            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
-    return "cannot parse " + " ".join(argv)
-
-
-def parse_args() -> Args:
-    """The command line, checked: bad input ends the run here with one line on stderr."""
-    argv = sys.argv[1:]
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
-            args = tyro.cli(Args, args=argv)
-    except SystemExit as e:
-        if e.code == 0:
-            raise  # --help, printed on stdout
-        sys.exit(f"error: {cli_error(argv)}")
-    if args.resume is not None:
-        saved = Path(args.resume) / "model" / "training_state.pt"
-        if args != Args(resume=args.resume):
-            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
-        old = saved.parent.with_name("model.old")
-        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
-            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
-                old.rename(saved.parent)
-        if not saved.exists():
-            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
-        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
-        args.output_dir = args.resume
-    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    problems = [
-        (args.total_episodes < 1, "--total-episodes must be >= 1"),
-        (args.num_prompts < 1, "--num-prompts must be >= 1"),
-        (args.num_prompts % world != 0, f"--num-prompts {args.num_prompts} must split over {world} processes"),
-        (not args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]"),
-        (not 0 <= args.gae_lambda <= 1, "--gae-lambda must be in [0, 1]"),
-        (not args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
-        (args.max_new_tokens < 1, "--max-new-tokens must be >= 1"),
-        (not args.temperature > 0, "--temperature must be > 0"),
-        (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
-        (args.micro_batch_size < 1, "--micro-batch-size must be >= 1"),
-        (args.inference_batch_size < 1, "--inference-batch-size must be >= 1"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
-        (
-            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
-            "--device must be auto, cpu or cuda",
-        ),
-        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
-    ]
-    for bad, message in problems:
-        if bad:
-            sys.exit(f"error: {message}")
-    return args
-
-
-# ---- The task: two-digit addition. `reward` is the one piece to replace for your own task. ----
+# ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""
@@ -193,7 +120,174 @@ def prompt_of(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-# ---- Model, sampling, log-probs and values ----
+def train_prompts(rng: random.Random, n: int) -> list[str]:
+    """n training prompts, drawn with replacement."""
+    return [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(n)]
+
+
+def eval_prompts() -> list[str]:
+    """The fixed evaluation prompts, never trained on."""
+    return [prompt_of(a, b) for a, b in EVAL_PAIRS]
+
+
+# ==== Actor-critic. Token tensors are [B, T] over response tokens, masks bool. ====
+def token_rewards(scores: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t for every response token, [B, T]: −β·(log π_θ − log π_ref)(a_t | s_t), given as `kl`,
+    on every valid token, plus the task score on the last one: the stop token, or the last token when
+    the response was cut off. That is the action the score judges; one token later is padding."""
+    last = response_mask.sum(1, keepdim=True) - 1
+    rewards = torch.where(response_mask, -kl_coef * kl, 0.0)
+    return rewards.scatter_add(1, last, scores[:, None].to(rewards.dtype))
+
+
+# Both losses sum over a response's tokens and average over responses. Σ_t A_t·∇ log π_θ(a_t | s_t)
+# is the policy-gradient estimate for one episode, so its mean over episodes is unbiased; a mean
+# over tokens would weight each token by 1/(its response's length) and bias it. For the critic the
+# same sum weights every state by how often π_θ visits it, which is what V^π should be fitted on.
+def actor_loss(logp: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """−Σ_t A_t·log π_θ(a_t | s_t). A_t is a constant: the critic learns from its own loss only."""
+    return -torch.where(response_mask, advantages.detach() * logp, 0.0).sum(1).mean()
+
+
+def critic_loss(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """½·Σ_t (V_φ(s_t) − R_t)². The target R_t is built from V_φ itself and held fixed (a
+    semi-gradient, as in TD learning): differentiating it too would pull the target toward V_φ."""
+    return 0.5 * torch.where(response_mask, (values - returns.detach()) ** 2, 0.0).sum(1).mean()
+
+
+@torch.no_grad()
+def rollout(policy, tok, prompts: list[str], args: Args) -> tuple[dict, int]:
+    """A response to each prompt from π_θ and its score. Returns the batch, a dict of tensors with a row per
+    response, and the prompt width. (The update's own forward pass gives V_φ and log π_θ.)"""
+    size = args.inference_batch_size
+    ids, attn, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size)
+    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
+    return dict(ids=ids, attn=attn, mask=mask, scores=scores), n_prompt
+
+
+def update(learner, optimizer, ref_policy, batch: dict, n_prompt: int, args: Args, step: bool = True):
+    """One gradient step on both losses over this process's responses (a dict of [B, ...] tensors),
+    summed over micro-batches, each weighted by its share of the responses; DistributedDataParallel
+    averages the gradient over processes, which hold as many responses each. θ and φ have not moved
+    since sampling, so one forward pass gives both the rollout's V_φ(s_t) for GAE and the graph to
+    differentiate: no separate scoring pass. Returns the gradient norm (the step is taken only if
+    `step`; a gradient that is not finite raises FloatingPointError) and, for the log, V, R, r, the KL
+    and the entropy [5, B, T]."""
+    n = len(batch["mask"])
+    micro = [slice(i, i + args.micro_batch_size) for i in range(0, n, args.micro_batch_size)]
+    per_token = torch.zeros(5, *batch["mask"].shape, device=batch["mask"].device)
+    optimizer.zero_grad(set_to_none=True)
+    for i, mb in enumerate(micro):
+        mask = batch["mask"][mb]
+        sync = i == len(micro) - 1 or not isinstance(learner, DistributedDataParallel)  # average once, at the end
+        with contextlib.nullcontext() if sync else learner.no_sync():
+            # The entropy costs elementwise work over [b, T, V] (a third of the pass on a large vocabulary
+            # on a CPU); this one pass is where actor-critic can log it.
+            logp, entropy, values = learner(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature, True)
+            kl = torch.zeros_like(logp)  # log π_θ(a_t|s_t) − log π_ref(a_t|s_t): a cost in r_t, not a gradient path
+            if ref_policy is not None:
+                with torch.no_grad():
+                    ref_logp = forward(ref_policy, batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature)[0]
+                    kl = logp.detach() - ref_logp
+            rewards = token_rewards(batch["scores"][mb], mask, kl, args.kl_coef)  # r_t
+            advantages, returns = gae(rewards, values, mask, args.gamma, args.gae_lambda)  # A_t, R_t = A_t + V_φ(s_t)
+            loss = actor_loss(logp, advantages, mask) + critic_loss(values, returns, mask)
+            (loss * len(mask) / n).backward()
+        per_token[:, mb] = torch.stack([values, returns, rewards, kl, entropy]).detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError("non-finite gradient")
+    if step:
+        optimizer.step()
+    return grad_norm, per_token
+
+
+# ==== Training ====
+def main() -> None:
+    args = parse_args()
+    device = start(args)  # the process group under torchrun, this process's device, its seed
+    run = Run(args, "actor_critic", device)  # the output folder and the prompts' generator; on --resume, the last save
+    policy, tok = load_policy(run.last_save or args.model, device)  # π_θ
+    ref_policy = None
+    if args.kl_coef > 0:  # π_ref, frozen: in bf16 on a GPU, where autocast computes in bf16 anyway
+        frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ref_policy = load_policy(args.model, device, frozen)[0].requires_grad_(False)
+    critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
+    value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
+    # V_φ = 0 at first, so the first advantages are plain returns, not the noise of a random critic.
+    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
+    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
+        for m in [m for m in (policy, critic) if m is not None]:
+            m.activation_checkpointing_enable()
+    agent = PolicyAndCritic(policy, value_head, critic)  # π_θ and V_φ: what Adam steps
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
+    run.restore(value_head=value_head, critic=critic, optimizer=optimizer)
+    learner = data_parallel(agent)  # the agent, its gradients averaged over processes (itself in one)
+    batch_size, local_batch = args.num_prompts, args.num_prompts // run.world
+    num_iterations = math.ceil(args.total_episodes / batch_size)
+    critic_size = sum(p.numel() for p in agent.parameters()) - sum(p.numel() for p in policy.parameters())
+    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes, critic {args.critic} ({critic_size:,} "
+              f"parameters of its own), γ {args.gamma}, λ {args.gae_lambda}, kl_coef {args.kl_coef}")  # fmt: skip
+
+    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
+    for iteration in range(run.first_iteration, num_iterations + 1):
+        try:
+            # 1. Collect: one response per prompt, and its score.
+            batch, n_prompt = rollout(policy, tok, train_prompts(run.rng, local_batch), args)
+
+            # 2-3. Advantages and update, in one pass: V_φ(s_t), then GAE, then one gradient step on both
+            #      losses; at iteration 0 the pass only measures. The learning rate decays linearly to 0 (as
+            #      CleanRL's --anneal-lr): the last updates are small, so the saved policy is not a noisy snapshot.
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+            learner.train()  # only gradient checkpointing cares: dropout is off
+            grad_norm, per_token = update(learner, optimizer, ref_policy, batch, n_prompt, args, step=iteration > 0)
+            learner.eval()
+
+            # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock()}
+            row |= batch_stats(batch, per_token, batch_size)
+            if iteration > 0:
+                row["grad_norm"] = grad_norm.item()
+            due = run.evaluation_due(iteration, batch_size, num_iterations)
+            if due and run.rank == 0:
+                row |= evaluate(policy, tok, args)
+            run.log(row, "reward_mean", "explained_variance", "kl", "entropy")
+            if due:  # after the row: a resume redoes everything after its last save
+                run.save(row, policy, tok)
+        except FloatingPointError as e:
+            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+    run.finish()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor):
+    """1 − Var[R − V]/Var[R] over the valid tokens of every process: 1 for a perfect critic, 0 for one
+    that only knows the mean return, negative for worse; None when every return is the same."""
+    var = masked_var(returns, response_mask)
+    return 1 - masked_var(returns - values, response_mask) / var if var > 0 else None
+
+
+def batch_stats(batch: dict, per_token: torch.Tensor, batch_size: int) -> dict:
+    """What the log says of a batch of responses, over every process: means per response, and per token."""
+    mask = batch["mask"]
+    values, returns, rewards, kl, entropy = torch.where(mask, per_token, 0.0)
+    n_tokens = global_sum(mask.sum())
+    return floats({
+        "reward_mean": global_sum(rewards.sum()) / batch_size,  # score − β·KL
+        "score_mean": global_sum(batch["scores"].sum()) / batch_size,
+        "explained_variance": explained_variance(values, returns, mask),
+        "kl": global_sum(kl.sum()) / batch_size,  # KL(π_θ‖π_ref) per response, in nats: k1, the estimator in r_t
+        "response_length": n_tokens / batch_size,
+        "entropy": global_sum(entropy.sum()) / n_tokens,
+    })  # fmt: skip
+
+
+# ==== Below: the machinery a reader may skip. ============================================================
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
+# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
+# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
     (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
@@ -339,6 +433,55 @@ def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, tempe
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
 
 
+@torch.no_grad()
+def evaluate(policy, tok, args) -> dict:
+    """Greedy exact-match accuracy and mean sampled reward on the task's evaluation prompts; and on the
+    console, what the model writes for the first few (prompt | greedy completion | score). The sampled half
+    draws from its own fixed generator, so evaluating leaves training unchanged."""
+    prompts, result = eval_prompts(), {}
+    for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
+        gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
+        size = args.inference_batch_size
+        ids, _, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size,
+                                                  greedy, gen)  # fmt: skip
+        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        scores = list(map(reward, prompts, texts, finished.tolist()))
+        result[key] = sum(scores) / len(prompts)
+        if greedy:
+            shown = lambda text: repr(text) if len(repr(text)) <= 60 else repr(text)[:59] + "…"
+            for prompt, text, score in list(zip(prompts, texts, scores))[:4]:
+                print(f"    {shown(prompt)} | {shown(text)} | {score:g}")
+    return result
+
+
+# Sums, means and variances over the valid tokens of every process: batch statistics are global.
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ of x over every process (x itself without torch.distributed)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum()  # where, not x·mask: NaN·0 = NaN
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over the valid entries of every process."""
+    return global_sum(masked_sum(x, mask)) / global_sum(mask.sum())
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def floats(row: dict) -> dict:
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
+
+
+# The policy's and the critic's forward pass (as in ppo.py).
+# The value head's forward pass (as in actor_critic.py), and the reward model (as in reward_model.py).
 def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None, entropy=False):
     """log π(a_t | s_t) [B, T] of each response token; if asked, the entropy of π(· | s_t) [B, T] (no
     gradient: it is only logged; else None); and with a value head, V(s_t) [B, T] from the last hidden
@@ -369,255 +512,226 @@ class PolicyAndCritic(torch.nn.Module):
         return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head, entropy)
 
 
-# ---- The actor-critic pieces ----
-def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ of x over every process (x itself without torch.distributed): batch statistics are global."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+# ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
+    """This script's own bad input: (is it bad, the error line)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    at_least_one = ["total_episodes", "num_prompts", "max_new_tokens", "micro_batch_size", "inference_batch_size"]
+    at_least_one += ["eval_every"]
+    positive = ["learning_rate", "max_grad_norm", "temperature"]
+    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
+    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
+    return problems + [
+        (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]"),
+        (not 0 <= args.gae_lambda <= 1, "--gae-lambda must be in [0, 1]"),
+        (args.num_prompts % world != 0, f"--num-prompts {args.num_prompts} must split over {world} processes"),
+    ]
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, 0.0).sum()  # where, not x·mask: NaN·0 = NaN
+def parse_args() -> Args:
+    """The command line, checked: bad input ends the run here with one line on stderr."""
+    argv = sys.argv[1:]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
+            args = tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code == 0:
+            raise  # --help, printed on stdout
+        sys.exit(f"error: {cli_error(argv)}")
+    if args.resume is not None:
+        saved = Path(args.resume) / "model" / "training_state.pt"
+        if args != Args(resume=args.resume):
+            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
+        old = saved.parent.with_name("model.old")
+        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
+            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
+                old.rename(saved.parent)
+        if not saved.exists():
+            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
+        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
+        args.output_dir = args.resume
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    problems = check_args(args, world) + [
+        (
+            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
+            "--device must be auto, cpu or cuda",
+        ),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+    ]
+    for bad, message in problems:
+        if bad:
+            sys.exit(f"error: {message}")
+    return args
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean over the valid entries of every process."""
-    return global_sum(masked_sum(x, mask)) / global_sum(mask.sum())
+def cli_error(argv: list[str]) -> str:
+    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
+    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
+    groups = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append(token.split("=", 1))
+        elif not groups:
+            return f"unexpected argument {token!r}"
+        else:
+            groups[-1].append(token)
+    for flag, *values in groups:
+        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
+        if field is None:
+            return f"unrecognized flag {flag}"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                tyro.cli(Args, args=[flag, *values])
+        except SystemExit:
+            if field.type is bool:
+                return f"{flag} takes no value"
+            kinds = get_args(field.type) or (field.type,)
+            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
+                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
+            )
+            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
+    return "cannot parse " + " ".join(argv)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+def start(args) -> torch.device:
+    """This process's device, and under torchrun its process group: NCCL with one GPU per process, or gloo on
+    a CPU. Seeds torch's generator, which draws the responses, with seed + rank: each process samples its own."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    if cuda and world > 1:  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed + rank)
+    return device
 
 
-def token_rewards(scores: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """r_t for every response token, [B, T]: −β·(log π_θ − log π_ref)(a_t | s_t), given as `kl`,
-    on every valid token, plus the task score on the last one: the stop token, or the last token when
-    the response was cut off. That is the action the score judges; one token later is padding."""
-    last = response_mask.sum(1, keepdim=True) - 1
-    rewards = torch.where(response_mask, -kl_coef * kl, 0.0)
-    return rewards.scatter_add(1, last, scores[:, None].to(rewards.dtype))
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose gradients DistributedDataParallel averages over the processes (itself in one process)."""
+    return DistributedDataParallel(module) if dist.is_initialized() else module
 
 
-# Both losses sum over a response's tokens and average over responses. Σ_t A_t·∇ log π_θ(a_t | s_t)
-# is the policy-gradient estimate for one episode, so its mean over episodes is unbiased; a mean
-# over tokens would weight each token by 1/(its response's length) and bias it. For the critic the
-# same sum weights every state by how often π_θ visits it, which is what V^π should be fitted on.
-def actor_loss(logp: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """−Σ_t A_t·log π_θ(a_t | s_t). A_t is a constant: the critic learns from its own loss only."""
-    return -torch.where(response_mask, advantages.detach() * logp, 0.0).sum(1).mean()
+class Run:
+    """The run's folder, which process 0 alone writes: args.json, metrics.jsonl (a row per iteration) and
+    model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
+    prompts (seed + rank), which a save keeps with torch's."""
+
+    def __init__(self, args, name: str, device: torch.device):
+        self.args, self.name, self.device = args, name, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dir = Path(args.output_dir or f"runs/{name}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.rng = random.Random(args.seed + self.rank)
+        self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
+        self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+
+    def restore(self, **stateful) -> dict:
+        """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
+        --resume, load them and the generators from the last save. Returns that save's state ({} if none)."""
+        self.stateful = {k: v for k, v in stateful.items() if v is not None}
+        if not self.args.resume:
+            return {}
+        state = torch.load(self.dir / "model" / "training_state.pt", weights_only=True)
+        if len(state["rng"]) != self.world:
+            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
+        for key, value in self.stateful.items():
+            value.load_state_dict(state[key])
+        python_rng, torch_rng, cuda_rng = state["rng"][self.rank]
+        self.rng.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
+        return state
+
+    def begin(self, policy, description: str) -> None:
+        """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
+        resuming (the rows after it will be written again); print the banner. Starts the clock."""
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []
+            self.metrics = open(self.dir / "metrics.jsonl", "w")
+            self.metrics.writelines(r + "\n" for r in rows if json.loads(r)["iteration"] < self.first_iteration)
+            print(
+                f"{self.name}: {self.args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
+                f"{self.world} x {self.device}\n  {description}"
+                + (f", resumed after iteration {self.first_iteration - 1}" if self.args.resume else "")
+                + f" -> {self.dir}"
+            )
+        self.start = self.last_print = time.time() - self.seconds
+
+    def clock(self) -> float:
+        """Wall seconds since training began, resumed runs included."""
+        return round(time.time() - self.start, 3)
+
+    def evaluation_due(self, iteration: int, batch_size: int, num_iterations: int) -> bool:
+        """Every --eval-every episodes, before the first update (iteration 0) and after the last."""
+        episodes, every = iteration * batch_size, self.args.eval_every
+        return episodes // every > (episodes - batch_size) // every or iteration in (0, num_iterations)
+
+    def log(self, row: dict, *shown: str) -> None:
+        """Append the row to metrics.jsonl (rank 0), and print the keys `shown` of it at least every 10 s."""
+        if self.rank != 0:
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if time.time() - self.last_print >= 10 or "eval_accuracy" in row or row["iteration"] == 1:
+            self.last_print = time.time()
+            value = lambda k: "n/a" if row.get(k) is None else f"{row[k]:.3f}"
+            print(
+                f"iter {row['iteration']:4d}  episodes {row['episodes']:6d}  "
+                + "  ".join(f"{k.removesuffix('_mean')} {value(k)}" for k in shown)
+                + f"  {row['episodes'] / (time.time() - self.start):.0f} episodes/s"
+                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+            )
+
+    def save(self, row: dict, policy, tok, **numbers) -> None:
+        """Save the policy and, beside it, what --resume needs: the iteration and its clock, `numbers`, the
+        state of what restore() named, and every process's generators. The other processes wait, so a
+        save is never half-written when training goes on."""
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng_state = (self.rng.getstate(), torch.get_rng_state(), cuda_rng)
+        rng_states = [rng_state] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng_states, rng_state)
+        if self.rank == 0:
+            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states)
+            state |= {key: value.state_dict() for key, value in self.stateful.items()}
+            save(policy, tok, self.dir / "model", state)
+        if self.world > 1:
+            dist.barrier()
+
+    def finish(self) -> None:
+        """The closing line: eval accuracy before -> after, wall time and speed."""
+        if self.rank == 0:
+            self.metrics.close()
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines()
+            first, last = json.loads(rows[0]), json.loads(rows[-1])
+            print(
+                f"{self.name}: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in "
+                f"{last['seconds']:.0f}s, {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; "
+                f"model saved to {self.dir / 'model'}"
+            )
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
-def critic_loss(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """½·Σ_t (V_φ(s_t) − R_t)². The target R_t is built from V_φ itself and held fixed (a
-    semi-gradient, as in TD learning): differentiating it too would pull the target toward V_φ."""
-    return 0.5 * torch.where(response_mask, (values - returns.detach()) ** 2, 0.0).sum(1).mean()
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor):
-    """1 − Var[R − V]/Var[R] over the valid tokens of every process: 1 for a perfect critic, 0 for one
-    that only knows the mean return, negative for worse; None when every return is the same."""
-    var = masked_var(returns, response_mask)
-    return 1 - masked_var(returns - values, response_mask) / var if var > 0 else None
-
-
-def update(model, optimizer, ref_model, batch: dict, n_prompt: int, args: Args, step: bool = True):
-    """One gradient step on both losses over this process's responses (a dict of [B, ...] tensors),
-    summed over micro-batches, each weighted by its share of the responses; DistributedDataParallel
-    averages the gradient over processes, which hold as many responses each. θ and φ have not moved
-    since sampling, so one forward pass gives both the rollout's V_φ(s_t) for GAE and the graph to
-    differentiate: no separate scoring pass. Returns the gradient norm (the step is taken only if it
-    is finite, and `step`) and, for the log, V, R, r, the KL and the entropy [5, B, T]."""
-    n = len(batch["mask"])
-    micro = [slice(i, i + args.micro_batch_size) for i in range(0, n, args.micro_batch_size)]
-    per_token = torch.zeros(5, *batch["mask"].shape, device=batch["mask"].device)
-    optimizer.zero_grad(set_to_none=True)
-    for i, mb in enumerate(micro):
-        mask = batch["mask"][mb]
-        sync = i == len(micro) - 1 or not isinstance(model, DistributedDataParallel)  # average once, at the end
-        with contextlib.nullcontext() if sync else model.no_sync():
-            # The entropy costs elementwise work over [b, T, V] (a third of the pass on a large vocabulary
-            # on a CPU); this one pass is where actor-critic can log it.
-            logp, entropy, values = model(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature, True)
-            kl = torch.zeros_like(logp)  # log π_θ(a_t|s_t) − log π_ref(a_t|s_t): a cost in r_t, not a gradient path
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref_logp = forward(ref_model, batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature)[0]
-                    kl = logp.detach() - ref_logp
-            rewards = token_rewards(batch["scores"][mb], mask, kl, args.kl_coef)  # r_t
-            advantages, returns = gae(rewards, values, mask, args.gamma, args.gae_lambda)  # A_t, R_t = A_t + V_φ(s_t)
-            loss = actor_loss(logp, advantages, mask) + critic_loss(values, returns, mask)
-            (loss * len(mask) / n).backward()
-        per_token[:, mb] = torch.stack([values, returns, rewards, kl, entropy]).detach().float()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    if step and torch.isfinite(grad_norm):
-        optimizer.step()
-    return grad_norm, per_token
-
-
-# ---- Evaluation and saving ----
-@torch.no_grad()
-def evaluate(model, tok, args: Args) -> dict:
-    """Greedy exact-match accuracy and mean sampled reward on the fixed 500 evaluation pairs.
-    The sampled half draws from its own fixed generator, so evaluating leaves training unchanged."""
-    prompts = [prompt_of(a, b) for a, b in EVAL_PAIRS]
-    result = {}
-    for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
-        gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
-        size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(model, tok, prompts, args.max_new_tokens, args.temperature, size,
-                                                  greedy, gen)  # fmt: skip
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
-        result[key] = sum(map(reward, prompts, texts, finished.tolist())) / len(prompts)
-    return result
-
-
-def save(model, tok, path: Path, state: dict) -> None:
+def save(policy, tok, path: Path, state: dict) -> None:
     """The policy (loadable with from_pretrained) and, beside it, what --resume needs. Written to a
     temporary folder first, so an interrupted save never destroys the previous one."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    policy.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ---- Training ----
-def main() -> None:
-    args = parse_args()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
-    if cuda and world > 1:  # one GPU per process
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if world > 1:  # one process per GPU (NCCL), or per share of the CPU (gloo)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    out_dir = Path(args.output_dir or f"runs/actor_critic-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.manual_seed(args.seed + rank)  # each process samples its own responses
-    policy, tok = load_policy(str(out_dir / "model") if args.resume else args.model, device)  # π_θ
-    ref_model = None
-    if args.kl_coef > 0:  # π_ref, frozen: in bf16 on a GPU, where autocast computes in bf16 anyway
-        ref_model = load_policy(args.model, device, torch.bfloat16 if cuda else torch.float32)[0].requires_grad_(False)
-    critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
-    value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
-    # V_φ = 0 at first, so the first advantages are plain returns, not the noise of a random critic.
-    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
-    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
-        for m in [m for m in (policy, critic) if m is not None]:
-            m.activation_checkpointing_enable()
-    model = PolicyAndCritic(policy, value_head, critic)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
-    batch_size, local_batch = args.num_prompts, args.num_prompts // world
-    num_iterations = math.ceil(args.total_episodes / batch_size)
-    rng = random.Random(args.seed + rank)
-    done, seconds = -1, 0.0  # the last iteration done (none), its time
-    if args.resume:  # the state of the last save
-        state = torch.load(out_dir / "model" / "training_state.pt", weights_only=True)
-        if len(state["rng"]) != world:
-            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {world}")
-        done, seconds = state["iteration"], state["seconds"]
-        value_head.load_state_dict(state["value_head"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-        optimizer.load_state_dict(state["optimizer"])
-        python_rng, torch_rng, cuda_rng = state["rng"][rank]
-        rng.setstate(python_rng)
-        torch.set_rng_state(torch_rng)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_rng, device)
-    trainable = DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        rows = (out_dir / "metrics.jsonl").read_text().splitlines() if args.resume else []
-        metrics_file = open(out_dir / "metrics.jsonl", "w")  # rows after the last save will be done again
-        metrics_file.writelines(row + "\n" for row in rows if json.loads(row)["iteration"] <= done)
-        print(
-            f"actor_critic: {args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
-            f"{world} x {device}\n  {num_iterations} iterations x {batch_size} episodes, critic {args.critic} "
-            f"({sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in policy.parameters()):,} "
-            f"parameters of its own), γ {args.gamma}, λ {args.gae_lambda}, kl_coef {args.kl_coef}"
-            + (f", resumed after iteration {done}" if args.resume else "")
-            + f" -> {out_dir}"
-        )
-
-    start = last_print = time.time() - seconds
-    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
-    for iteration in range(done + 1, num_iterations + 1):
-        # 1. Sample one response per prompt, and score it.
-        prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(local_batch)]
-        size = args.inference_batch_size
-        ids, attn, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size)
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
-        scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=device)
-
-        # 2. One gradient step on both losses (none at iteration 0). The learning rate decays linearly to 0
-        #    (as CleanRL's --anneal-lr): the last updates are small, so the saved policy is not a noisy
-        #    snapshot. It took greedy accuracy at the end from 0.82-0.85 to 0.88-0.89 on our first checkpoint.
-        for group in optimizer.param_groups:
-            group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
-        trainable.train()  # only gradient checkpointing cares: dropout is off in the config
-        batch = dict(ids=ids, attn=attn, mask=mask, scores=scores)
-        grad_norm, per_token = update(trainable, optimizer, ref_model, batch, n_prompt, args, step=iteration > 0)
-        trainable.eval()
-        if not torch.isfinite(grad_norm):
-            sys.exit(f"error: non-finite gradient at iteration {iteration}; the last save is in {out_dir}")
-
-        # 3. Log, evaluate and save (rank 0; the others wait, so a save is never half-written).
-        episodes = iteration * batch_size
-        values, returns, rewards, kl, entropy = torch.where(mask, per_token, 0.0)
-        n_tokens = global_sum(mask.sum())
-        row = {
-            "iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3),
-            "reward_mean": global_sum(rewards.sum()) / batch_size, "score_mean": global_sum(scores.sum()) / batch_size,
-            "explained_variance": explained_variance(values, returns, mask), "kl": global_sum(kl.sum()) / batch_size,
-            "response_length": n_tokens / batch_size, "entropy": global_sum(entropy.sum()) / n_tokens,
-        }  # fmt: skip
-        if iteration > 0:
-            row["grad_norm"] = grad_norm
-        row = {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
-        evaluation_due = episodes // args.eval_every > (episodes - batch_size) // args.eval_every
-        if evaluation_due or iteration in (0, num_iterations):
-            rng_state = (rng.getstate(), torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
-            rng_states = [rng_state] * world
-            if world > 1:
-                dist.all_gather_object(rng_states, rng_state)
-            if rank == 0:
-                row.update(evaluate(policy, tok, args))
-                state = dict(iteration=iteration, seconds=row["seconds"], rng=rng_states,
-                             value_head=value_head.state_dict(), critic=critic.state_dict() if critic else None,
-                             optimizer=optimizer.state_dict())  # fmt: skip
-                metrics_file.write(json.dumps(row) + "\n")  # before the save: a resume redoes what follows it
-                metrics_file.flush()
-                save(policy, tok, out_dir / "model", state)
-            if world > 1:
-                dist.barrier()
-        elif rank == 0:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        if rank == 0 and (time.time() - last_print >= 10 or "eval_accuracy" in row or iteration == 1):
-            last_print = time.time()
-            print(
-                f"iter {iteration:4d}  episodes {episodes:6d}  reward {row['reward_mean']:.3f}  "
-                f"explained_var {row['explained_variance'] or 0:.3f}  kl {row['kl']:.3f}  "
-                f"entropy {row['entropy']:.3f}  {episodes / (time.time() - start):.0f} episodes/s"
-                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
-            )
-    if rank == 0:
-        rows = (out_dir / "metrics.jsonl").read_text().splitlines()
-        first, last = json.loads(rows[0]), json.loads(rows[-1])
-        print(
-            f"actor_critic: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in "
-            f"{last['seconds']:.0f}s, {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; "
-            f"model saved to {out_dir / 'model'}"
-        )
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""Proximal Policy Optimization on a causal language model (Schulman et al. 2017), as used in
-RLHF (Ziegler et al. 2019; Ouyang et al. 2022).
+"""Proximal Policy Optimization on a causal language model (Schulman et al. 2017), as used in RLHF
+(Ziegler et al. 2019; Ouyang et al. 2022).
 
-Each response is an episode: token a_t is an action in state s_t (the prompt and the tokens
-before it). An iteration has two phases.
+Each response is an episode: token a_t is an action in state s_t (the prompt and the tokens before it).
+An iteration has two phases.
 
 1. Collect, without gradients: sample a response per prompt and score it; record log π_old (the
    sampler), log π_ref (the frozen starting policy) and the critic's V(s_t). Token t earns
-   −β·log(π_old/π_ref)(a_t | s_t), the last token also the score; GAE (gae.py) turns rewards and
-   values into advantages A_t and returns R_t.
+
+       r_t = −β·log(π_old/π_ref)(a_t | s_t)   (+ the score, on the response's last token)
+
+   and GAE (gae.py) turns rewards and values into advantages A_t and returns R_t = A_t + V(s_t).
 2. Update: several epochs of shuffled minibatches, a gradient step on each, ascending
 
        L(θ) = E_t[ min(r_t(θ)·A_t, clip(r_t(θ), 1 − ε, 1 + ε)·A_t) ],   r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t)
@@ -16,12 +18,15 @@ before it). An iteration has two phases.
    on one batch stay close to the policy that sampled it; the critic regresses V(s_t) on R_t.
 
     python ppo.py                               # the embedded addition policy, a few minutes on a CPU
+    python ppo.py --reward-model runs/rm        # RLHF: a reward model from reward_model.py scores instead
     torchrun --nproc-per-node 8 ppo.py ...      # the same algorithm, data-parallel over 8 GPUs
     python ppo.py --resume runs/ppo-1-...       # continue an interrupted run from its last save
     python ppo.py --help
 
-Self-contained on purpose: copy this file and gae.py, then replace `reward` below (or pass
---reward-model) to train on your own task.
+The file, in reading order: Args; the task (`reward` and the prompts: the block to replace for your
+own task); PPO's pieces (token_rewards, policy_loss, value_loss, whiten, the KL); main() with the loop;
+then, below the banners, the language-model machinery and the plumbing, copied from reinforce.py.
+Self-contained on purpose: copy this file and gae.py into your project.
 """
 
 import contextlib
@@ -55,22 +60,50 @@ hf_logging.disable_progress_bar()  # loading and saving bars would drown the tra
 
 @dataclass
 class Args:
+    # ---- The run ----
     model: str = str(HERE / "checkpoints" / "sft-addition")
     """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
     total_episodes: int = 102_400
     """sampled responses to train on"""
+    eval_every: int = 6_400
+    """episodes between evaluations and saves (one also runs before the first update and after the last)"""
+    output_dir: str | None = None
+    """where metrics.jsonl, args.json and model/ go (default: runs/ppo-<seed>-<time>)"""
+    resume: str | None = None
+    """continue the run saved in this folder, with its own arguments (give no other flag)"""
+    device: str = "auto"
+    """auto = cuda when available, else cpu"""
+    # ---- Sampling ----
     num_prompts: int = 256
     """prompts per iteration, one response each, over all processes: the batch the update reuses"""
-    learning_rate: float = 3e-5
-    """Adam learning rate of the policy and the critic at the first iteration; it decays linearly to 0"""
-    max_grad_norm: float = 1.0
-    """clip the gradient's global norm to this"""
     max_new_tokens: int = 6
     """longest response; one that has not emitted a stop token by then is cut off"""
     temperature: float = 0.5
     """sampling temperature, used identically when computing log-probs"""
+    # ---- PPO ----
+    learning_rate: float = 3e-5
+    """Adam learning rate of the policy and the critic at the first iteration; it decays linearly to 0"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+    ppo_epochs: int = 4
+    """passes over each batch"""
+    num_minibatches: int = 4
+    """gradient steps per epoch; must divide --num-prompts"""
+    clip_range: float = 0.2
+    """ε: the ratio π_θ/π_old earns nothing for leaving [1 − ε, 1 + ε]"""
+    critic: Literal["shared", "separate"] = "shared"
+    """shared: a value head on the policy's backbone; separate: a second backbone initialised from --model"""
+    gamma: float = 1.0
+    """γ, the discount of GAE"""
+    gae_lambda: float = 0.95
+    """λ of GAE: 0 = one-step TD error, 1 = Monte Carlo return minus V"""
+    value_clip_range: float = 0.2
+    """ε_v: a value prediction earns nothing for moving more than this from V_old"""
+    vf_coef: float = 0.1
+    """weight of the value loss in the total loss"""
+    # ---- KL and reward ----
     kl_coef: float = 0.0
     """β: every token earns −β·log(π_old/π_ref); the starting β when --kl-target is set"""
     kl_target: float | None = None
@@ -81,124 +114,16 @@ class Args:
     """subtract this from the score of responses cut off before a stop token"""
     reward_model: str | None = None
     """score prompt + response with this AutoModelForSequenceClassification (one label) instead of `reward`"""
-    # Shared by default: a separate critic reached about the same accuracy here (0.984 against 0.978) at 1.8x the time.
-    critic: Literal["shared", "separate"] = "shared"
-    """shared: a value head on the policy's backbone; separate: a second backbone initialised from --model"""
-    gamma: float = 1.0
-    """γ, the discount of GAE"""
-    gae_lambda: float = 0.95
-    """λ of GAE: 0 = one-step TD error, 1 = Monte Carlo return minus V"""
-    ppo_epochs: int = 4
-    """passes over each batch"""
-    num_minibatches: int = 4
-    """gradient steps per epoch; must divide --num-prompts"""
-    clip_range: float = 0.2
-    """ε: the ratio π_θ/π_old earns nothing for leaving [1 − ε, 1 + ε]"""
-    value_clip_range: float = 0.2
-    """ε_v: a value prediction earns nothing for moving more than this from V_old"""
-    vf_coef: float = 0.1
-    """weight of the value loss in the total loss"""
+    # ---- Memory ----
     micro_batch_size: int = 64
     """responses per forward/backward pass of the update; gradients accumulate over micro-batches"""
     inference_batch_size: int = 256
     """responses per pass without gradients: sampling, π_old, π_ref, V_old, the reward model, evaluation"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
-    eval_every: int = 6_400
-    """episodes between evaluations and saves (one also runs before the first update and after the last)"""
-    output_dir: str | None = None
-    """where metrics.jsonl, args.json and model/ go (default: runs/ppo-<seed>-<time>)"""
-    resume: str | None = None
-    """continue the run saved in this folder, with its own arguments (give no other flag)"""
-    device: str = "auto"
-    """auto = cuda when available, else cpu"""
 
 
-def cli_error(argv: list[str]) -> str:
-    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
-    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
-    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
-    groups = []
-    for token in argv:
-        if token.startswith("--"):
-            groups.append(token.split("=", 1))
-        elif not groups:
-            return f"unexpected argument {token!r}"
-        else:
-            groups[-1].append(token)
-    for flag, *values in groups:
-        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
-        if field is None:
-            return f"unrecognized flag {flag}"
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                tyro.cli(Args, args=[flag, *values])
-        except SystemExit:
-            if field.type is bool:
-                return f"{flag} takes no value"
-            kinds = get_args(field.type) or (field.type,)
-            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
-                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
-            )
-            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
-    return "cannot parse " + " ".join(argv)
-
-
-def parse_args() -> Args:
-    """The command line, checked: bad input ends the run here with one line on stderr."""
-    argv = sys.argv[1:]
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
-            args = tyro.cli(Args, args=argv)
-    except SystemExit as e:
-        if e.code == 0:
-            raise  # --help, printed on stdout
-        sys.exit(f"error: {cli_error(argv)}")
-    if args.resume is not None:
-        saved = Path(args.resume) / "model" / "training_state.pt"
-        if args != Args(resume=args.resume):
-            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
-        old = saved.parent.with_name("model.old")
-        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
-            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
-                old.rename(saved.parent)
-        if not saved.exists():
-            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
-        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
-        args.output_dir = args.resume
-    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    flag = lambda name: "--" + name.replace("_", "-")
-    at_least_one = ["total_episodes", "num_prompts", "max_new_tokens", "ppo_epochs", "num_minibatches"]
-    at_least_one += ["micro_batch_size", "inference_batch_size", "eval_every"]
-    positive = ["learning_rate", "max_grad_norm", "temperature", "clip_range", "value_clip_range", "vf_coef"]
-    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
-    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
-    problems += [
-        (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
-        (args.kl_target is not None and not args.kl_target > 0, "--kl-target must be > 0"),
-        (args.kl_target is not None and not args.kl_coef > 0, "--kl-target needs a starting --kl-coef > 0"),
-        (not args.kl_horizon > 0.2 * args.num_prompts, "--kl-horizon must exceed 0.2 x --num-prompts, or β can hit 0"),
-        (not args.missing_eos_penalty >= 0, "--missing-eos-penalty must be >= 0"),
-        (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]"),
-        (not 0 <= args.gae_lambda <= 1, "--gae-lambda must be in [0, 1]"),
-        (
-            args.num_prompts % (args.num_minibatches * world) != 0,
-            f"--num-prompts {args.num_prompts} must split into --num-minibatches {args.num_minibatches}"
-            + (f" over {world} processes" if world > 1 else ""),
-        ),
-        (
-            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
-            "--device must be auto, cpu or cuda",
-        ),
-        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
-    ]
-    for bad, message in problems:
-        if bad:
-            sys.exit(f"error: {message}")
-    return args
-
-
-# ---- The task: two-digit addition. `reward` is the one piece to replace for your own task. ----
+# ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""
@@ -216,7 +141,233 @@ def prompt_of(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-# ---- Models, sampling, log-probs and values ----
+def train_prompts(rng: random.Random, n: int) -> list[str]:
+    """n training prompts, drawn with replacement."""
+    return [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(n)]
+
+
+def eval_prompts() -> list[str]:
+    """The fixed evaluation prompts, never trained on."""
+    return [prompt_of(a, b) for a, b in EVAL_PAIRS]
+
+
+# ==== PPO. Token tensors are [B, T] over response tokens, masks bool; padding may hold anything, NaN included. ====
+def kl_estimators(logp: torch.Tensor, logp_ref: torch.Tensor):
+    """Per-token estimates of KL(π‖π_ref) from tokens sampled from π (Schulman, "Approximating KL
+    divergence", 2020), with ρ = π_ref/π: k1 = −log ρ, unbiased but negative on some tokens;
+    k3 = (ρ − 1) − log ρ, also unbiased since E_π[ρ] = 1, never negative, and of lower variance."""
+    log_rho = logp_ref - logp
+    return -log_rho, torch.expm1(log_rho) - log_rho
+
+
+def token_rewards(scores, logp_old: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, beta: float):
+    """r_t = −β·log(π_old/π_ref)(a_t | s_t) on every response token, plus the score on the last one: the stop
+    token, or the last token of a cut-off response. [B, T], 0 on padding. The penalty per token tells the
+    critic where the divergence happened; the score only exists once the response does."""
+    rewards = torch.where(mask, -beta * kl_estimators(logp_old, logp_ref)[0], 0.0)  # k1 in the reward
+    last = mask.sum(1) - 1
+    return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x − mean)/std over the valid tokens of the whole batch (every process), 0 on padding. One scale for
+    all responses keeps their advantages comparable and the step size independent of the reward's units."""
+    return torch.where(mask, (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + 1e-8), 0.0)
+
+
+def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float):
+    """Per token −min(r_t·A_t, clip(r_t, 1 − ε, 1 + ε)·A_t), and r_t. The min keeps the objective
+    a pessimistic bound on the unclipped one: clipping removes the incentive to move r_t further in
+    the direction A_t favours, never the penalty for moving it the wrong way."""
+    ratio = torch.exp(logp - logp_old)  # r_t = π_θ/π_old, from log-probs: no division by tiny π_old
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages), ratio
+
+
+def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, clip_range: float):
+    """Per token 0.5·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²): like the policy, the
+    critic gains nothing from moving more than ε_v away from the values it had when sampling."""
+    clipped = values.clamp(values_old - clip_range, values_old + clip_range)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, n_episodes: int, horizon: int) -> float:
+    """Ziegler et al. (2019): β ← β·(1 + e·n/horizon), e = clip(KL/target − 1, −0.2, 0.2).
+    A proportional controller: more KL than the target raises the penalty, less lowers it; the clip
+    bounds the change per episode, so an outlier batch cannot swing β."""
+    e = min(max(kl / target - 1, -0.2), 0.2)
+    return beta * (1 + e * n_episodes / horizon)
+
+
+@torch.no_grad()
+def rollout(agent, tok, prompts: list[str], args: Args, ref_policy, reward_model=None) -> tuple[dict, int]:
+    """Phase 1 of an iteration: a response to each prompt from π_old, its score (the reward model's, or
+    `reward`'s) and its gold reward (`reward`'s, the task's own), and π_old, π_ref, V_old and the entropy of
+    π_old on its tokens. Returns the batch, a dict of tensors with a row per response, and the prompt width."""
+    size, temperature = args.inference_batch_size, args.temperature
+    ids, attn, n_prompt, mask, finished = sample(agent.policy, tok, prompts, args.max_new_tokens, temperature, size)
+    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    gold = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
+    scores = gold
+    if reward_model is not None:
+        rm, rm_tok = reward_model
+        rm_texts = [reward_model_text(p, c, f, rm_tok) for p, c, f in zip(prompts, texts, finished.tolist())]
+        scores = reward_model_scores(rm, rm_tok, rm_texts, size)
+    batch = dict(ids=ids, attn=attn, mask=mask, scores=scores - args.missing_eos_penalty * ~finished, gold=gold)
+    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
+    passes = [agent(ids[c], attn[c], n_prompt, temperature, entropy=True) for c in chunks]
+    batch["logp_old"], batch["entropy"], batch["values_old"] = (torch.cat(x) for x in zip(*passes))
+    batch["logp_ref"] = torch.cat([forward(ref_policy, ids[c], attn[c], n_prompt, temperature)[0] for c in chunks])
+    return batch, n_prompt
+
+
+def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: Args):
+    """One gradient step on a minibatch (this process's share: a dict of [b, ...] tensors), summed over
+    micro-batches. The loss is the mean over the valid tokens of the whole minibatch, on every process:
+    each token is an action with its own A_t, weighted alike whatever its response's length, so neither
+    the micro-batch size nor the number of processes changes the step. Returns the gradient norm and,
+    per micro-batch, the token mask and r_t, A_t and the two losses, for the log. A gradient that is
+    not finite is never stepped on: FloatingPointError."""
+    n_tokens = global_sum(minibatch["mask"].sum())
+    # DistributedDataParallel averages gradients over processes; the loss is a sum over them.
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    micro = [
+        {k: v[i : i + args.micro_batch_size] for k, v in minibatch.items()}
+        for i in range(0, len(minibatch["mask"]), args.micro_batch_size)
+    ]
+    optimizer.zero_grad(set_to_none=True)
+    logged = []
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1 or not isinstance(learner, DistributedDataParallel)  # average once, at the end
+        with contextlib.nullcontext() if sync else learner.no_sync():
+            logp, _, values = learner(mb["ids"], mb["attn"], n_prompt, args.temperature)
+            pg_loss, ratio = policy_loss(logp, mb["logp_old"], mb["advantages"], args.clip_range)
+            vf_loss = value_loss(values, mb["values_old"], mb["returns"], args.value_clip_range)
+            loss = masked_sum(pg_loss, mb["mask"]) + args.vf_coef * masked_sum(vf_loss, mb["mask"])
+            (loss * world / n_tokens).backward()
+        logged.append((mb["mask"], ratio.detach(), mb["advantages"], pg_loss.detach(), vf_loss.detach()))
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError("non-finite gradient")
+    optimizer.step()
+    return grad_norm, logged
+
+
+# ==== Training ====
+def main() -> None:
+    args = parse_args()
+    device = start(args)  # the process group under torchrun, this process's device, its seed
+    run = Run(args, "ppo", device)  # the output folder and the prompts' generator; on --resume, the last save
+    # On a GPU the frozen models (π_ref, the reward model) are held in bf16: half the memory, and autocast
+    # computes in bf16 anyway. The trained ones keep float32 weights, which Adam's small steps need.
+    frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ref_policy, tok = load_policy(args.model, device, frozen)  # π_ref
+    ref_policy.requires_grad_(False)
+    policy, _ = load_policy(run.last_save or args.model, device)  # π_θ
+    reward_model = load_reward_model(args.reward_model, device, frozen) if args.reward_model else None
+    critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
+    value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
+    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)  # V = 0: no prior about rewards
+    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
+        for m in [m for m in (policy, critic) if m is not None]:
+            m.activation_checkpointing_enable()
+    agent = PolicyAndCritic(policy, value_head, critic)  # π_θ and V_φ: what Adam steps
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
+    beta = run.restore(value_head=value_head, critic=critic, optimizer=optimizer).get("beta", args.kl_coef)  # β
+    learner = data_parallel(agent)  # the agent, its gradients averaged over processes (itself in one)
+    batch_size, local_batch = args.num_prompts, args.num_prompts // run.world
+    num_iterations = math.ceil(args.total_episodes / batch_size)
+    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes, {args.ppo_epochs} epochs x "
+              f"{args.num_minibatches} minibatches, {args.critic} critic, kl_coef {args.kl_coef}"
+              + (f" -> target {args.kl_target}" if args.kl_target else ""))  # fmt: skip
+
+    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
+    for iteration in range(run.first_iteration, num_iterations + 1):
+        try:
+            # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
+            batch, n_prompt = rollout(agent, tok, train_prompts(run.rng, local_batch), args, ref_policy, reward_model)
+
+            # 2. Advantages: GAE on r_t = −β·KL_t (+ the score), whitened after the returns are taken, so the
+            #    critic's targets keep their scale.
+            mask = batch["mask"]
+            rewards = token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], mask, beta)
+            advantages, returns = gae(rewards, batch["values_old"], mask, args.gamma, args.gae_lambda)  # R = A + V
+            batch.update(advantages=whiten(advantages, mask), returns=returns)
+
+            # 3. Update (not at iteration 0): epochs x shuffled minibatches, one Adam step each. The learning
+            #    rate decays linearly to 0 (CleanRL's --anneal-lr), so the last batches move the policy little
+            #    and the saved model is not a noisy snapshot.
+            steps = []
+            if iteration > 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+                learner.train()  # only gradient checkpointing cares: dropout is off
+                for epoch in range(args.ppo_epochs):
+                    for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
+                        steps.append(update_minibatch(learner, optimizer, {k: v[idx] for k, v in batch.items()},
+                                                      n_prompt, args))  # fmt: skip
+                learner.eval()
+
+            # 4. Log and adapt β; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock(), "beta": beta}
+            row |= batch_stats(batch, rewards, returns) | (update_stats(steps) if steps else {})
+            if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
+                beta = adaptive_kl_coef(beta, row["kl"], args.kl_target, batch_size, args.kl_horizon)
+            due = run.evaluation_due(iteration, batch_size, num_iterations)
+            if due and run.rank == 0:
+                row |= evaluate(policy, tok, args)
+            run.log(row, "reward_mean", "kl", "entropy", "clip_fraction", "explained_variance")
+            if due:  # after the row: a resume redoes everything after its last save
+                run.save(row, policy, tok, beta=beta)
+        except FloatingPointError as e:
+            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+    run.finish()
+
+
+def batch_stats(batch: dict, rewards: torch.Tensor, returns: torch.Tensor) -> dict:
+    """What the log says of a batch of responses, over every process."""
+    mask, n = batch["mask"], global_sum(torch.tensor(len(batch["mask"]), device=batch["mask"].device))
+    kl_k1, kl_k3 = (global_sum(masked_sum(k, mask)) / n for k in kl_estimators(batch["logp_old"], batch["logp_ref"]))
+    var_returns = masked_var(returns, mask)
+    # How much of the return the critic foresaw; undefined when every return is equal.
+    explained = 1 - masked_var(returns - batch["values_old"], mask) / var_returns if var_returns > 0 else None
+    return floats({
+        "reward_mean": global_sum(masked_sum(rewards, mask)) / n,  # score − β·KL, per response
+        "score_mean": global_sum(batch["scores"].sum()) / n,  # what the policy is trained on
+        "gold_mean": global_sum(batch["gold"].sum()) / n,  # the task's own reward of the same responses
+        "kl": kl_k1,  # KL(π_old‖π_ref) per response, in nats: k1, the estimator in the reward
+        "kl_k3": kl_k3,  # the same KL by k3: never negative, lower variance
+        "entropy": masked_mean(batch["entropy"], mask),
+        "response_length": global_sum(mask.sum()) / n,
+        "explained_variance": explained,
+    })  # fmt: skip
+
+
+def update_stats(steps: list) -> dict:
+    """Token means over every micro-batch of every step of an update, over every process."""
+    grad_norms = [grad_norm for grad_norm, _ in steps]
+    micro = [mb for _, logged in steps for mb in logged]
+    mask, ratio, advantages, pg_loss, vf_loss = (torch.cat(x) for x in zip(*micro))
+    first_mask, first_ratio = (torch.cat(x) for x in list(zip(*steps[0][1]))[:2])
+    log_ratio = ratio.log()
+    return floats({
+        "policy_loss": masked_mean(pg_loss, mask),
+        "value_loss": masked_mean(vf_loss, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": global_max(ratio[mask].max()),
+        # The share of tokens where the clip binds: the clipped term is the smaller (TRL's and lm-human-preferences'
+        # definition; CleanRL counts |r − 1| > ε, which also counts tokens whose unclipped term is the min).
+        "clip_fraction": masked_mean((pg_loss > -ratio * advantages).float(), mask),
+        # CleanRL's approx_kl, (r − 1) − log r: k3 of KL(π_old‖π_θ), how far the update moved the policy.
+        "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        # Before the first step π_θ = π_old, so every r_t of the first minibatch must be 1 up to rounding.
+        "first_minibatch_ratio_error": global_max((first_ratio[first_mask] - 1).abs().max()),
+        "grad_norm": torch.stack(grad_norms).mean(),
+    })  # fmt: skip
+
+
+# ==== Below: the machinery a reader may skip. ============================================================
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
+# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
     (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
@@ -250,43 +401,6 @@ def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.floa
     if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
         sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     return model, tok
-
-
-def load_reward_model(path: str, device: torch.device, dtype: torch.dtype):
-    """A sequence classifier with one output and its `score` head on the last hidden state."""
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot load --reward-model {path}: {str(e).splitlines()[0]}")
-    if model.config.num_labels != 1:
-        sys.exit(f"error: --reward-model {path} has {model.config.num_labels} labels; a reward model has 1")
-    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-        sys.exit(f"error: --reward-model {path} has no `score` head on its last hidden state")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.eval().requires_grad_(False), tok
-
-
-def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
-    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
-    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
-    return prompt + completion + (tok.eos_token if finished else "")
-
-
-def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
-    """The reward model's score of each text, read at its own last token: right padding, and the
-    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
-    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
-        enc = enc.to(model.device)
-        last = enc["attention_mask"].sum(1) - 1
-        with autocast(model.device):
-            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
-            scores.append(model.score(hidden).squeeze(-1).float())
-    return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -399,6 +513,60 @@ def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, tempe
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
 
 
+@torch.no_grad()
+def evaluate(policy, tok, args) -> dict:
+    """Greedy exact-match accuracy and mean sampled reward on the task's evaluation prompts; and on the
+    console, what the model writes for the first few (prompt | greedy completion | score). The sampled half
+    draws from its own fixed generator, so evaluating leaves training unchanged."""
+    prompts, result = eval_prompts(), {}
+    for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
+        gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
+        size = args.inference_batch_size
+        ids, _, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size,
+                                                  greedy, gen)  # fmt: skip
+        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        scores = list(map(reward, prompts, texts, finished.tolist()))
+        result[key] = sum(scores) / len(prompts)
+        if greedy:
+            shown = lambda text: repr(text) if len(repr(text)) <= 60 else repr(text)[:59] + "…"
+            for prompt, text, score in list(zip(prompts, texts, scores))[:4]:
+                print(f"    {shown(prompt)} | {shown(text)} | {score:g}")
+    return result
+
+
+# Sums, means and variances over the valid tokens of every process: batch statistics are global.
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ of x over every process (x itself without torch.distributed)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def global_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, dist.ReduceOp.MAX)
+    return x
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum()  # where, not x·mask: NaN·0 = NaN
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over the valid entries of every process."""
+    return global_sum(masked_sum(x, mask)) / global_sum(mask.sum())
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def floats(row: dict) -> dict:
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
+
+
+# The value head's forward pass (as in actor_critic.py), and the reward model (as in reward_model.py).
 def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None, entropy=False):
     """log π(a_t | s_t) [B, T] of each response token; if asked, the entropy of π(· | s_t) [B, T] (no
     gradient: it is only logged; else None); and with a value head, V(s_t) [B, T] from the last hidden
@@ -429,334 +597,271 @@ class PolicyAndCritic(torch.nn.Module):
         return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head, entropy)
 
 
-# ---- The pieces of PPO. Masks are bool [B, T]; padding may hold anything, NaN included. ----
-def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ of x over every process (x itself without torch.distributed): batch statistics are global."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+def load_reward_model(path: str, device: torch.device, dtype: torch.dtype):
+    """A sequence classifier with one output and its `score` head on the last hidden state."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load --reward-model {path}: {str(e).splitlines()[0]}")
+    if model.config.num_labels != 1:
+        sys.exit(f"error: --reward-model {path} has {model.config.num_labels} labels; a reward model has 1")
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        sys.exit(f"error: --reward-model {path} has no `score` head on its last hidden state")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval().requires_grad_(False), tok
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, 0.0).sum()  # where, not x·mask: NaN·0 = NaN
+def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
+    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
+    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
+    return prompt + completion + (tok.eos_token if finished else "")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean over the valid entries of every process."""
-    return global_sum(masked_sum(x, mask)) / global_sum(mask.sum())
+def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
+    """The reward model's score of each text, read at its own last token: right padding, and the
+    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
+    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(model.device)
+        last = enc["attention_mask"].sum(1) - 1
+        with autocast(model.device):
+            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
+            scores.append(model.score(hidden).squeeze(-1).float())
+    return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x − mean)/std over the valid tokens of the whole batch, 0 on padding. One scale for
-    all responses keeps their advantages comparable and the step size independent of the reward's units."""
-    return torch.where(mask, (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + 1e-8), 0.0)
-
-
-def kl_estimators(logp: torch.Tensor, logp_ref: torch.Tensor):
-    """Per-token estimates of KL(π‖π_ref) from tokens sampled from π (Schulman, "Approximating KL
-    divergence", 2020), with ρ = π_ref/π: k1 = −log ρ, unbiased but negative on some tokens;
-    k3 = (ρ − 1) − log ρ, also unbiased since E_π[ρ] = 1, never negative, and of lower variance."""
-    log_rho = logp_ref - logp
-    return -log_rho, torch.expm1(log_rho) - log_rho
-
-
-def token_rewards(scores, logp_old: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, beta: float):
-    """Each token's reward: −β·log(π_old/π_ref)(a_t | s_t) on every response token, plus the score on the last
-    one: the stop token, or the last token of a cut-off response. [B, T], 0 on padding. The penalty per token
-    tells the critic where the divergence happened; the score only exists once the response does."""
-    rewards = torch.where(mask, -beta * kl_estimators(logp_old, logp_ref)[0], 0.0)
-    last = mask.sum(1) - 1
-    return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
-
-
-def adaptive_kl_coef(beta: float, kl: float, target: float, n_episodes: int, horizon: int) -> float:
-    """Ziegler et al. (2019): β ← β·(1 + e·n/horizon), e = clip(KL/target − 1, −0.2, 0.2).
-    A proportional controller: more KL than the target raises the penalty, less lowers it; the clip
-    bounds the change per episode, so an outlier batch cannot swing β."""
-    e = min(max(kl / target - 1, -0.2), 0.2)
-    return beta * (1 + e * n_episodes / horizon)
-
-
-def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float):
-    """Per token −min(r_t·A_t, clip(r_t, 1 − ε, 1 + ε)·A_t), and r_t. The min keeps the objective
-    a pessimistic bound on the unclipped one: clipping removes the incentive to move r_t further in
-    the direction A_t favours, never the penalty for moving it the wrong way."""
-    ratio = torch.exp(logp - logp_old)  # r_t = π_θ/π_old, from log-probs: no division by tiny π_old
-    return -torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages), ratio
-
-
-def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, clip_range: float):
-    """Per token 0.5·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²): like the policy, the
-    critic gains nothing from moving more than ε_v away from the values it had when sampling."""
-    clipped = values.clamp(values_old - clip_range, values_old + clip_range)
-    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-
-
-def update_minibatch(model, optimizer, minibatch: dict, n_prompt: int, args: Args):
-    """One gradient step on a minibatch (this process's share: a dict of [b, ...] tensors), summed
-    over micro-batches. The loss is the mean over the valid tokens of the whole minibatch, on every
-    process: each token is an action with its own A_t, weighted alike whatever its response's length,
-    so neither the micro-batch size nor the number of processes changes the step. Returns the
-    gradient norm (the step is not taken if it is not finite) and, per micro-batch, the token mask
-    and r_t, A_t and the two losses, for the log."""
-    n_tokens = global_sum(minibatch["mask"].sum())
-    # DistributedDataParallel averages gradients over processes; the loss is a sum over them.
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    micro = [
-        {k: v[i : i + args.micro_batch_size] for k, v in minibatch.items()}
-        for i in range(0, len(minibatch["mask"]), args.micro_batch_size)
+# ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
+    """This script's own bad input: (is it bad, the error line)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    at_least_one = ["total_episodes", "num_prompts", "max_new_tokens", "ppo_epochs", "num_minibatches"]
+    at_least_one += ["micro_batch_size", "inference_batch_size", "eval_every"]
+    positive = ["learning_rate", "max_grad_norm", "temperature", "clip_range", "value_clip_range", "vf_coef"]
+    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
+    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
+    return problems + [
+        (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (args.kl_target is not None and not args.kl_target > 0, "--kl-target must be > 0"),
+        (args.kl_target is not None and not args.kl_coef > 0, "--kl-target needs a starting --kl-coef > 0"),
+        (not args.kl_horizon > 0.2 * args.num_prompts, "--kl-horizon must exceed 0.2 x --num-prompts, or β can hit 0"),
+        (not args.missing_eos_penalty >= 0, "--missing-eos-penalty must be >= 0"),
+        (not 0 <= args.gamma <= 1, "--gamma must be in [0, 1]"),
+        (not 0 <= args.gae_lambda <= 1, "--gae-lambda must be in [0, 1]"),
+        (
+            args.num_prompts % (args.num_minibatches * world) != 0,
+            f"--num-prompts {args.num_prompts} must split into --num-minibatches {args.num_minibatches}"
+            + (f" over {world} processes" if world > 1 else ""),
+        ),
     ]
-    optimizer.zero_grad(set_to_none=True)
-    logged = []
-    for i, mb in enumerate(micro):
-        sync = i == len(micro) - 1 or not isinstance(model, DistributedDataParallel)  # average once, at the end
-        with contextlib.nullcontext() if sync else model.no_sync():
-            logp, _, values = model(mb["ids"], mb["attn"], n_prompt, args.temperature)
-            pg_loss, ratio = policy_loss(logp, mb["logp_old"], mb["advantages"], args.clip_range)
-            vf_loss = value_loss(values, mb["values_old"], mb["returns"], args.value_clip_range)
-            loss = masked_sum(pg_loss, mb["mask"]) + args.vf_coef * masked_sum(vf_loss, mb["mask"])
-            (loss * world / n_tokens).backward()
-        logged.append((mb["mask"], ratio.detach(), mb["advantages"], pg_loss.detach(), vf_loss.detach()))
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    return grad_norm, logged
 
 
-# ---- Evaluation, logging and saving ----
-@torch.no_grad()
-def rollout(policy, tok, prompts: list[str], args: Args, model, ref_model, reward_model=None) -> dict:
-    """Phase 1 of an iteration: a response to each prompt from π_old, its score (the reward model's,
-    or `reward`'s) and its gold reward (`reward`'s, the task's own), and π_old, π_ref, V_old and the
-    entropy of π_old on its tokens. `model` is the PolicyAndCritic of `policy`."""
-    size, temperature = args.inference_batch_size, args.temperature
-    ids, attn, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, temperature, size)
-    texts = decode(tok, ids[:, n_prompt:], mask, finished)
-    gold = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
-    scores = gold
-    if reward_model is not None:
-        rm, rm_tok = reward_model
-        rm_texts = [reward_model_text(p, c, f, rm_tok) for p, c, f in zip(prompts, texts, finished.tolist())]
-        scores = reward_model_scores(rm, rm_tok, rm_texts, size)  # no gradient: rollout runs under no_grad
-    batch = dict(ids=ids, attn=attn, mask=mask, scores=scores - args.missing_eos_penalty * ~finished, gold=gold)
-    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
-    passes = [model(ids[c], attn[c], n_prompt, temperature, entropy=True) for c in chunks]
-    batch["logp_old"], batch["entropy"], batch["values_old"] = (torch.cat(x) for x in zip(*passes))
-    batch["logp_ref"] = torch.cat([forward(ref_model, ids[c], attn[c], n_prompt, temperature)[0] for c in chunks])
-    return batch, n_prompt
+def parse_args() -> Args:
+    """The command line, checked: bad input ends the run here with one line on stderr."""
+    argv = sys.argv[1:]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
+            args = tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code == 0:
+            raise  # --help, printed on stdout
+        sys.exit(f"error: {cli_error(argv)}")
+    if args.resume is not None:
+        saved = Path(args.resume) / "model" / "training_state.pt"
+        if args != Args(resume=args.resume):
+            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
+        old = saved.parent.with_name("model.old")
+        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
+            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
+                old.rename(saved.parent)
+        if not saved.exists():
+            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
+        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
+        args.output_dir = args.resume
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    problems = check_args(args, world) + [
+        (
+            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
+            "--device must be auto, cpu or cuda",
+        ),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+    ]
+    for bad, message in problems:
+        if bad:
+            sys.exit(f"error: {message}")
+    return args
 
 
-def batch_stats(batch: dict, rewards: torch.Tensor, returns: torch.Tensor) -> dict:
-    """What the log says of a batch of responses, over every process."""
-    mask, n = batch["mask"], global_sum(torch.tensor(len(batch["mask"]), device=batch["mask"].device))
-    kl_k1, kl_k3 = (global_sum(masked_sum(k, mask)) / n for k in kl_estimators(batch["logp_old"], batch["logp_ref"]))
-    var_returns = masked_var(returns, mask)
-    # How much of the return the critic foresaw; undefined when every return is equal.
-    explained = 1 - masked_var(returns - batch["values_old"], mask) / var_returns if var_returns > 0 else None
-    return {
-        "reward_mean": global_sum(masked_sum(rewards, mask)) / n,  # score − β·KL, per response
-        "score_mean": global_sum(batch["scores"].sum()) / n,  # what the policy is trained on
-        "gold_mean": global_sum(batch["gold"].sum()) / n,  # the task's own reward of the same responses
-        "kl": kl_k1,  # KL(π_old‖π_ref) per response, in nats
-        "kl_k3": kl_k3,
-        "entropy": masked_mean(batch["entropy"], mask),
-        "response_length": global_sum(mask.sum()) / n,
-        "explained_variance": explained,
-    }
+def cli_error(argv: list[str]) -> str:
+    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
+    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
+    groups = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append(token.split("=", 1))
+        elif not groups:
+            return f"unexpected argument {token!r}"
+        else:
+            groups[-1].append(token)
+    for flag, *values in groups:
+        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
+        if field is None:
+            return f"unrecognized flag {flag}"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                tyro.cli(Args, args=[flag, *values])
+        except SystemExit:
+            if field.type is bool:
+                return f"{flag} takes no value"
+            kinds = get_args(field.type) or (field.type,)
+            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
+                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
+            )
+            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
+    return "cannot parse " + " ".join(argv)
 
 
-def global_max(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, dist.ReduceOp.MAX)
-    return x
+def start(args) -> torch.device:
+    """This process's device, and under torchrun its process group: NCCL with one GPU per process, or gloo on
+    a CPU. Seeds torch's generator, which draws the responses, with seed + rank: each process samples its own."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    if cuda and world > 1:  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed + rank)
+    return device
 
 
-def update_stats(steps: list, grad_norms: list) -> dict:
-    """Token means over every micro-batch of every step of an update, over every process."""
-    mask, ratio, advantages, pg_loss, vf_loss = (torch.cat(x) for x in zip(*(mb for step in steps for mb in step)))
-    first_mask, first_ratio = (torch.cat(x) for x in list(zip(*steps[0]))[:2])
-    return {
-        "policy_loss": masked_mean(pg_loss, mask),
-        "value_loss": masked_mean(vf_loss, mask),
-        "ratio_mean": masked_mean(ratio, mask),
-        "ratio_max": global_max(ratio[mask].max()),
-        "clip_fraction": masked_mean((pg_loss > -ratio * advantages).float(), mask),  # the clip binds
-        "approx_kl": masked_mean(kl_estimators(torch.zeros_like(ratio), ratio.log())[1], mask),  # KL(π_old‖π_θ)
-        # Before the first step π_θ = π_old, so every r_t of the first minibatch must be 1 up to rounding.
-        "first_minibatch_ratio_error": global_max((first_ratio[first_mask] - 1).abs().max()),
-        "grad_norm": torch.stack(grad_norms).mean(),
-    }
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose gradients DistributedDataParallel averages over the processes (itself in one process)."""
+    return DistributedDataParallel(module) if dist.is_initialized() else module
 
 
-@torch.no_grad()
-def evaluate(model, tok, args: Args) -> dict:
-    """Greedy exact-match accuracy and mean sampled reward on the fixed 500 evaluation pairs.
-    The sampled half draws from its own fixed generator, so evaluating leaves training unchanged."""
-    prompts = [prompt_of(a, b) for a, b in EVAL_PAIRS]
-    result = {}
-    for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
-        gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
-        size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(model, tok, prompts, args.max_new_tokens, args.temperature, size,
-                                                  greedy, gen)  # fmt: skip
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
-        result[key] = sum(map(reward, prompts, texts, finished.tolist())) / len(prompts)
-    return result
+class Run:
+    """The run's folder, which process 0 alone writes: args.json, metrics.jsonl (a row per iteration) and
+    model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
+    prompts (seed + rank), which a save keeps with torch's."""
+
+    def __init__(self, args, name: str, device: torch.device):
+        self.args, self.name, self.device = args, name, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dir = Path(args.output_dir or f"runs/{name}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.rng = random.Random(args.seed + self.rank)
+        self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
+        self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+
+    def restore(self, **stateful) -> dict:
+        """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
+        --resume, load them and the generators from the last save. Returns that save's state ({} if none)."""
+        self.stateful = {k: v for k, v in stateful.items() if v is not None}
+        if not self.args.resume:
+            return {}
+        state = torch.load(self.dir / "model" / "training_state.pt", weights_only=True)
+        if len(state["rng"]) != self.world:
+            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
+        for key, value in self.stateful.items():
+            value.load_state_dict(state[key])
+        python_rng, torch_rng, cuda_rng = state["rng"][self.rank]
+        self.rng.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
+        return state
+
+    def begin(self, policy, description: str) -> None:
+        """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
+        resuming (the rows after it will be written again); print the banner. Starts the clock."""
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []
+            self.metrics = open(self.dir / "metrics.jsonl", "w")
+            self.metrics.writelines(r + "\n" for r in rows if json.loads(r)["iteration"] < self.first_iteration)
+            print(
+                f"{self.name}: {self.args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
+                f"{self.world} x {self.device}\n  {description}"
+                + (f", resumed after iteration {self.first_iteration - 1}" if self.args.resume else "")
+                + f" -> {self.dir}"
+            )
+        self.start = self.last_print = time.time() - self.seconds
+
+    def clock(self) -> float:
+        """Wall seconds since training began, resumed runs included."""
+        return round(time.time() - self.start, 3)
+
+    def evaluation_due(self, iteration: int, batch_size: int, num_iterations: int) -> bool:
+        """Every --eval-every episodes, before the first update (iteration 0) and after the last."""
+        episodes, every = iteration * batch_size, self.args.eval_every
+        return episodes // every > (episodes - batch_size) // every or iteration in (0, num_iterations)
+
+    def log(self, row: dict, *shown: str) -> None:
+        """Append the row to metrics.jsonl (rank 0), and print the keys `shown` of it at least every 10 s."""
+        if self.rank != 0:
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if time.time() - self.last_print >= 10 or "eval_accuracy" in row or row["iteration"] == 1:
+            self.last_print = time.time()
+            value = lambda k: "n/a" if row.get(k) is None else f"{row[k]:.3f}"
+            print(
+                f"iter {row['iteration']:4d}  episodes {row['episodes']:6d}  "
+                + "  ".join(f"{k.removesuffix('_mean')} {value(k)}" for k in shown)
+                + f"  {row['episodes'] / (time.time() - self.start):.0f} episodes/s"
+                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+            )
+
+    def save(self, row: dict, policy, tok, **numbers) -> None:
+        """Save the policy and, beside it, what --resume needs: the iteration and its clock, `numbers`, the
+        state of what restore() named, and every process's generators. The other processes wait, so a
+        save is never half-written when training goes on."""
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng_state = (self.rng.getstate(), torch.get_rng_state(), cuda_rng)
+        rng_states = [rng_state] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng_states, rng_state)
+        if self.rank == 0:
+            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states)
+            state |= {key: value.state_dict() for key, value in self.stateful.items()}
+            save(policy, tok, self.dir / "model", state)
+        if self.world > 1:
+            dist.barrier()
+
+    def finish(self) -> None:
+        """The closing line: eval accuracy before -> after, wall time and speed."""
+        if self.rank == 0:
+            self.metrics.close()
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines()
+            first, last = json.loads(rows[0]), json.loads(rows[-1])
+            print(
+                f"{self.name}: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in "
+                f"{last['seconds']:.0f}s, {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; "
+                f"model saved to {self.dir / 'model'}"
+            )
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
-def save(model, tok, path: Path, state: dict) -> None:
+def save(policy, tok, path: Path, state: dict) -> None:
     """The policy (loadable with from_pretrained) and, beside it, what --resume needs. Written to a
     temporary folder first, so an interrupted save never destroys the previous one."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    policy.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ---- Training ----
-def main() -> None:
-    args = parse_args()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
-    if cuda and world > 1:  # one GPU per process
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if world > 1:  # one process per GPU (NCCL), or per share of the CPU (gloo)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    out_dir = Path(args.output_dir or f"runs/ppo-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.manual_seed(args.seed + rank)  # each process samples its own responses
-    # On a GPU the frozen models (π_ref, the reward model) are held in bf16: half the memory, and autocast
-    # computes in bf16 anyway. The trained ones keep float32 weights, which Adam's small steps need.
-    frozen = torch.bfloat16 if cuda else torch.float32
-    ref_model, tok = load_policy(args.model, device, frozen)  # π_ref
-    ref_model.requires_grad_(False)
-    policy, _ = load_policy(str(out_dir / "model") if args.resume else args.model, device)  # π_θ
-    reward_model = load_reward_model(args.reward_model, device, frozen) if args.reward_model else None
-    critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
-    value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
-    torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)  # V = 0: no prior about rewards
-    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
-        for m in [m for m in (policy, critic) if m is not None]:
-            m.activation_checkpointing_enable()
-    model = PolicyAndCritic(policy, value_head, critic)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
-    batch_size, local_batch = args.num_prompts, args.num_prompts // world
-    num_iterations = math.ceil(args.total_episodes / batch_size)
-    rng = random.Random(args.seed + rank)
-    beta, done, seconds = args.kl_coef, -1, 0.0  # β, the last iteration done (none), its time
-    if args.resume:  # the state of the last save
-        state = torch.load(out_dir / "model" / "training_state.pt", weights_only=True)
-        if len(state["rng"]) != world:
-            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {world}")
-        beta, done, seconds = state["beta"], state["iteration"], state["seconds"]
-        value_head.load_state_dict(state["value_head"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-        optimizer.load_state_dict(state["optimizer"])
-        python_rng, torch_rng, cuda_rng = state["rng"][rank]
-        rng.setstate(python_rng)
-        torch.set_rng_state(torch_rng)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_rng, device)
-    trainable = DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        rows = (out_dir / "metrics.jsonl").read_text().splitlines() if args.resume else []
-        metrics_file = open(out_dir / "metrics.jsonl", "w")  # rows after the last save will be done again
-        metrics_file.writelines(row + "\n" for row in rows if json.loads(row)["iteration"] <= done)
-        print(
-            f"ppo: {args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), {world} x {device}\n"
-            f"  {num_iterations} iterations x {batch_size} episodes, {args.ppo_epochs} epochs x "
-            f"{args.num_minibatches} minibatches, {args.critic} critic, kl_coef {args.kl_coef}"
-            + (f" -> target {args.kl_target}" if args.kl_target else "")
-            + (f", resumed after iteration {done}" if args.resume else "")
-            + f" -> {out_dir}"
-        )
-
-    start = last_print = time.time() - seconds
-    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
-    for iteration in range(done + 1, num_iterations + 1):
-        # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
-        prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(local_batch)]
-        batch, n_prompt = rollout(policy, tok, prompts, args, model, ref_model, reward_model)
-        mask = batch["mask"]
-        rewards = token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], mask, beta)
-        advantages, returns = gae(rewards, batch["values_old"], mask, args.gamma, args.gae_lambda)  # R_t = A_t + V_t
-        advantages = whiten(advantages, mask)  # after the returns: the critic's targets keep their scale
-
-        # 2. Update: epochs x shuffled minibatches, one Adam step each. The learning rate decays linearly
-        # to 0 (CleanRL's --anneal-lr), so the last batches move the policy little and the saved model is
-        # not a noisy snapshot. Training mode only matters to gradient checkpointing: dropout is off.
-        for group in optimizer.param_groups:
-            group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
-        train = {k: batch[k] for k in ("ids", "attn", "mask", "logp_old", "values_old")}
-        train.update(advantages=advantages, returns=returns)
-        steps, grad_norms = [], []
-        trainable.train()
-        for epoch in range(args.ppo_epochs if iteration > 0 else 0):
-            for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
-                grad_norm, logged = update_minibatch(trainable, optimizer, {k: v[idx] for k, v in train.items()},
-                                                     n_prompt, args)  # fmt: skip
-                if not torch.isfinite(grad_norm):
-                    sys.exit(f"error: non-finite gradient at iteration {iteration}; the last save is in {out_dir}")
-                steps.append(logged)
-                grad_norms.append(grad_norm)
-        trainable.eval()
-
-        # 3. Log, adapt β, evaluate and save (rank 0; the others wait, so a save is never half-written).
-        episodes = iteration * batch_size
-        row = {"iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3), "beta": beta}
-        row.update(batch_stats(batch, rewards, returns), **(update_stats(steps, grad_norms) if iteration > 0 else {}))
-        row = {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
-        if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
-            beta = adaptive_kl_coef(beta, row["kl"], args.kl_target, batch_size, args.kl_horizon)
-        evaluation_due = episodes // args.eval_every > (episodes - batch_size) // args.eval_every
-        if evaluation_due or iteration in (0, num_iterations):
-            rng_state = (rng.getstate(), torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
-            rng_states = [rng_state] * world
-            if world > 1:
-                dist.all_gather_object(rng_states, rng_state)
-            if rank == 0:
-                row.update(evaluate(policy, tok, args))
-                state = dict(iteration=iteration, seconds=row["seconds"], beta=beta, rng=rng_states,
-                             value_head=value_head.state_dict(), critic=critic.state_dict() if critic else None,
-                             optimizer=optimizer.state_dict())  # fmt: skip
-                metrics_file.write(json.dumps(row) + "\n")  # before the save: a resume redoes what follows it
-                metrics_file.flush()
-                save(policy, tok, out_dir / "model", state)
-            if world > 1:
-                dist.barrier()
-        elif rank == 0:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        if rank == 0 and (time.time() - last_print >= 10 or "eval_accuracy" in row or iteration == 1):
-            last_print = time.time()
-            print(
-                f"iter {iteration:4d}  episodes {episodes:6d}  reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  "
-                f"entropy {row['entropy']:.3f}  clip {row.get('clip_fraction', 0):.3f}  "
-                f"expl_var {row['explained_variance'] or 0:.2f}  {episodes / (time.time() - start):.0f} episodes/s"
-                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
-            )
-    if rank == 0:
-        rows = (out_dir / "metrics.jsonl").read_text().splitlines()
-        first, last = json.loads(rows[0]), json.loads(rows[-1])
-        print(
-            f"ppo: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in {last['seconds']:.0f}s,"
-            f" {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; model saved to {out_dir / 'model'}"
-        )
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

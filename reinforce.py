@@ -1,21 +1,24 @@
 """REINFORCE with a baseline, on a causal language model (Williams 1992; Kool et al. 2019).
 
-Sample a response, score it, and push up the log-probability of every token of it in
-proportion to how much better than expected the score was:
+Sample a response, score it, and push up the log-probability of every token of it in proportion to how
+much better than expected the score was:
 
     ∇J(θ) = E_{y ~ π_θ} [ (R(y) − b) · Σ_t ∇ log π_θ(y_t | x, y_<t) ]
 
-The baseline b may depend on the prompt and on other samples, never on y itself, so it leaves
-the expected gradient unchanged and only lowers its variance. With --baseline leave-one-out
-(RLOO), b for each of K responses to a prompt is the mean score of the other K − 1.
+The baseline b may depend on the prompt and on other samples, never on y itself, so it leaves the
+expected gradient unchanged and only lowers its variance. With --baseline leave-one-out (RLOO), b for
+each of K responses to a prompt is the mean score of the other K − 1. A KL penalty to the starting
+policy π_ref, if asked, is part of the reward: R(y) = score(y) − β·Σ_t log(π_θ/π_ref)(y_t | x, y_<t).
 
     python reinforce.py                              # the embedded addition policy, a minute on a CPU
     torchrun --nproc-per-node 8 reinforce.py ...     # the same algorithm, data-parallel over 8 GPUs
     python reinforce.py --resume runs/reinforce-...  # continue an interrupted run from its last save
     python reinforce.py --help
 
-Self-contained on purpose: copy this file (it needs nothing else from this project) and
-replace `reward` below to train on your own task.
+The file, in reading order: Args; the task (`reward` and the prompts: the block to replace for your
+own task); REINFORCE's pieces (leave_one_out, reinforce_loss, update); main() with the loop; then,
+below the banners, the language-model machinery and the plumbing, the same in every script.
+Self-contained on purpose: copy this file (it needs nothing else from this project) into yours.
 """
 
 import contextlib
@@ -46,34 +49,13 @@ hf_logging.disable_progress_bar()  # loading and saving bars would drown the tra
 
 @dataclass
 class Args:
+    # ---- The run ----
     model: str = str(HERE / "checkpoints" / "sft-addition")
     """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
     total_episodes: int = 76_800
     """sampled responses to train on"""
-    num_prompts: int = 64
-    """prompts per iteration, over all processes"""
-    samples_per_prompt: int = 4
-    """K responses sampled for each prompt (RLOO needs K >= 2)"""
-    baseline: Literal["none", "mean", "leave-one-out"] = "leave-one-out"
-    """b in (R − b): none; mean = running mean of past rewards; leave-one-out = mean of the other K − 1"""
-    learning_rate: float = 3e-5
-    """Adam learning rate"""
-    max_grad_norm: float = 1.0
-    """clip the gradient's global norm to this"""
-    max_new_tokens: int = 6
-    """longest response; one that has not emitted a stop token by then is cut off and scores 0"""
-    temperature: float = 1.0
-    """sampling temperature, used identically when computing log-probs"""
-    kl_coef: float = 0.0
-    """β: subtract β·Σ_t (log π_θ − log π_ref) from each response's reward (0 = no reference model)"""
-    micro_batch_size: int = 64
-    """responses per forward/backward pass of the update; gradients accumulate over micro-batches"""
-    inference_batch_size: int = 256
-    """responses per pass without gradients: sampling, π_old, π_ref, evaluation"""
-    gradient_checkpointing: bool = False
-    """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
     eval_every: int = 12_800
     """episodes between evaluations and saves (one also runs before the first update and after the last)"""
     output_dir: str | None = None
@@ -82,91 +64,35 @@ class Args:
     """continue the run saved in this folder, with its own arguments (give no other flag)"""
     device: str = "auto"
     """auto = cuda when available, else cpu"""
+    # ---- Sampling ----
+    num_prompts: int = 64
+    """prompts per iteration, over all processes"""
+    samples_per_prompt: int = 4
+    """K responses sampled for each prompt (RLOO needs K >= 2)"""
+    max_new_tokens: int = 6
+    """longest response; one that has not emitted a stop token by then is cut off and scores 0"""
+    temperature: float = 1.0
+    """sampling temperature, used identically when computing log-probs"""
+    # ---- REINFORCE ----
+    baseline: Literal["none", "mean", "leave-one-out"] = "leave-one-out"
+    """b in (R − b): none; mean = running mean of past rewards; leave-one-out = mean of the other K − 1"""
+    learning_rate: float = 3e-5
+    """Adam learning rate"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+    # ---- KL and reward ----
+    kl_coef: float = 0.0
+    """β: subtract β·Σ_t (log π_θ − log π_ref) from each response's reward (0 = no reference model)"""
+    # ---- Memory ----
+    micro_batch_size: int = 64
+    """responses per forward/backward pass of the update; gradients accumulate over micro-batches"""
+    inference_batch_size: int = 256
+    """responses per pass without gradients: sampling, π_old, π_ref, evaluation"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
 
 
-def cli_error(argv: list[str]) -> str:
-    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
-    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
-    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
-    groups = []
-    for token in argv:
-        if token.startswith("--"):
-            groups.append(token.split("=", 1))
-        elif not groups:
-            return f"unexpected argument {token!r}"
-        else:
-            groups[-1].append(token)
-    for flag, *values in groups:
-        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
-        if field is None:
-            return f"unrecognized flag {flag}"
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                tyro.cli(Args, args=[flag, *values])
-        except SystemExit:
-            if field.type is bool:
-                return f"{flag} takes no value"
-            kinds = get_args(field.type) or (field.type,)
-            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
-                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
-            )
-            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
-    return "cannot parse " + " ".join(argv)
-
-
-def parse_args() -> Args:
-    """The command line, checked: bad input ends the run here with one line on stderr."""
-    argv = sys.argv[1:]
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
-            args = tyro.cli(Args, args=argv)
-    except SystemExit as e:
-        if e.code == 0:
-            raise  # --help, printed on stdout
-        sys.exit(f"error: {cli_error(argv)}")
-    if args.resume is not None:
-        saved = Path(args.resume) / "model" / "training_state.pt"
-        if args != Args(resume=args.resume):
-            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
-        old = saved.parent.with_name("model.old")
-        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
-            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
-                old.rename(saved.parent)
-        if not saved.exists():
-            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
-        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
-        args.output_dir = args.resume
-    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    problems = [
-        (args.total_episodes < 1, "--total-episodes must be >= 1"),
-        (args.num_prompts < 1, "--num-prompts must be >= 1"),
-        (args.num_prompts % world != 0, f"--num-prompts {args.num_prompts} must split over {world} processes"),
-        (args.samples_per_prompt < 1, "--samples-per-prompt must be >= 1"),
-        (
-            args.baseline == "leave-one-out" and args.samples_per_prompt < 2,
-            "--baseline leave-one-out needs --samples-per-prompt >= 2",
-        ),
-        (not args.learning_rate > 0, "--learning-rate must be > 0"),
-        (not args.max_grad_norm > 0, "--max-grad-norm must be > 0"),
-        (args.max_new_tokens < 1, "--max-new-tokens must be >= 1"),
-        (not args.temperature > 0, "--temperature must be > 0"),
-        (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
-        (args.micro_batch_size < 1, "--micro-batch-size must be >= 1"),
-        (args.inference_batch_size < 1, "--inference-batch-size must be >= 1"),
-        (args.eval_every < 1, "--eval-every must be >= 1"),
-        (
-            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
-            "--device must be auto, cpu or cuda",
-        ),
-        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
-    ]
-    for bad, message in problems:
-        if bad:
-            sys.exit(f"error: {message}")
-    return args
-
-
-# ---- The task: two-digit addition. `reward` is the one piece to replace for your own task. ----
+# ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""
@@ -184,7 +110,157 @@ def prompt_of(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-# ---- Model, sampling and log-probs ----
+def train_prompts(rng: random.Random, n: int) -> list[str]:
+    """n training prompts, drawn with replacement."""
+    return [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(n)]
+
+
+def eval_prompts() -> list[str]:
+    """The fixed evaluation prompts, never trained on."""
+    return [prompt_of(a, b) for a, b in EVAL_PAIRS]
+
+
+# ==== REINFORCE. Token tensors are [B, T] over response tokens, masks bool. ====
+def leave_one_out(scores: torch.Tensor) -> torch.Tensor:
+    """RLOO baseline for scores [P, K]: for each response, the mean score of the other K − 1."""
+    k = scores.shape[1]
+    return (scores.sum(1, keepdim=True) - scores) / (k - 1)
+
+
+def reinforce_loss(logp: torch.Tensor, response_mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Surrogate whose gradient is the REINFORCE estimate −(R − b)·Σ_t ∇ log π_θ(a_t | s_t).
+    Tokens are summed within a response and responses averaged: the sum is the log-probability
+    of the whole response, the action the reward scores, so the estimate stays unbiased. Averaging
+    over tokens instead would favour short responses."""
+    seq_logp = torch.where(response_mask, logp, 0.0).sum(1)
+    return -(advantages.detach() * seq_logp).mean()
+
+
+@torch.no_grad()
+def rollout(policy, tok, prompts: list[str], args: Args, ref_policy) -> tuple[dict, int]:
+    """A response to each prompt from π_θ, its score, the entropy of π_θ on its tokens and, with a reference
+    policy, its KL Σ_t log(π_θ/π_ref)(a_t | s_t) (else 0). Returns the batch, a dict of tensors with a row
+    per response, and the prompt width."""
+    size, temperature = args.inference_batch_size, args.temperature
+    ids, attn, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, temperature, size)
+    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
+    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
+    passes = [token_logprobs(policy, ids[c], attn[c], n_prompt, temperature, True) for c in chunks]
+    logp, entropy = (torch.cat(x) for x in zip(*passes))
+    kl = torch.zeros_like(scores)
+    if ref_policy is not None:
+        logp_ref = torch.cat([token_logprobs(ref_policy, ids[c], attn[c], n_prompt, temperature)[0] for c in chunks])
+        kl = torch.where(mask, logp - logp_ref, 0.0).sum(1)
+    return dict(ids=ids, attn=attn, mask=mask, scores=scores, kl=kl, entropy=entropy), n_prompt
+
+
+def update(learner, optimizer, batch: dict, n_prompt: int, args: Args) -> torch.Tensor:
+    """One gradient step on reinforce_loss over this process's responses, summed over micro-batches
+    (each weighted by its share of the responses); DistributedDataParallel averages it over the
+    processes, which hold as many responses each. Returns the gradient norm. A gradient that is not
+    finite is never stepped on: FloatingPointError."""
+    n = len(batch["mask"])
+    micro = [slice(i, i + args.micro_batch_size) for i in range(0, n, args.micro_batch_size)]
+    optimizer.zero_grad(set_to_none=True)
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1 or not isinstance(learner, DistributedDataParallel)  # average once, at the end
+        with contextlib.nullcontext() if sync else learner.no_sync():
+            logp, _ = learner(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature)
+            loss = reinforce_loss(logp, batch["mask"][mb], batch["advantages"][mb])
+            (loss * len(batch["mask"][mb]) / n).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError("non-finite gradient")
+    optimizer.step()
+    return grad_norm
+
+
+# ==== Training ====
+def main() -> None:
+    args = parse_args()
+    device = start(args)  # the process group under torchrun, this process's device, its seed
+    run = Run(args, "reinforce", device)  # the output folder and the prompts' generator; on --resume, the last save
+    policy, tok = load_policy(run.last_save or args.model, device)  # π_θ
+    ref_policy = None
+    if args.kl_coef > 0:  # π_ref, frozen: in bf16 on a GPU, where autocast computes in bf16 anyway
+        frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ref_policy = load_policy(args.model, device, frozen)[0].requires_grad_(False)
+    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
+        policy.activation_checkpointing_enable()
+    agent = PolicyLogProbs(policy)  # π_θ: what Adam steps
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
+    running_mean = run.restore(optimizer=optimizer).get("running_mean")  # of past rewards, for --baseline mean
+    learner = data_parallel(agent)  # the agent, its gradients averaged over processes (itself in one)
+    local_prompts = args.num_prompts // run.world
+    batch_size = args.num_prompts * args.samples_per_prompt
+    num_iterations = math.ceil(args.total_episodes / batch_size)
+    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
+              f"{args.samples_per_prompt} samples), baseline {args.baseline}, kl_coef {args.kl_coef}")  # fmt: skip
+
+    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
+    for iteration in range(run.first_iteration, num_iterations + 1):
+        try:
+            # 1. Collect: K responses to each of P prompts, their scores, and their KL to π_ref.
+            prompts = [p for p in train_prompts(run.rng, local_prompts) for _ in range(args.samples_per_prompt)]
+            batch, n_prompt = rollout(policy, tok, prompts, args, ref_policy)
+
+            # 2. Advantages: R = score − β·Σ_t log(π_θ/π_ref), so the KL penalty is scaled like the score;
+            #    A = R − b, with b blind to the response it scales.
+            rewards = batch["scores"] - args.kl_coef * batch["kl"]
+            if args.baseline == "leave-one-out":
+                baseline = leave_one_out(rewards.view(local_prompts, -1)).flatten()
+            elif args.baseline == "mean":  # the mean of earlier batches only, so b never sees this R
+                baseline = torch.full_like(rewards, running_mean if running_mean is not None else 0.0)
+                batch_mean = (global_sum(rewards.sum()) / batch_size).item()
+                running_mean = batch_mean if running_mean is None else 0.9 * running_mean + 0.1 * batch_mean
+            else:
+                baseline = torch.zeros_like(rewards)
+            batch["advantages"] = rewards - baseline
+
+            # 3. Update (not at iteration 0): one gradient step on −mean_i A_i·Σ_t log π_θ(a_t | s_t).
+            grad_norm = None
+            if iteration > 0:
+                learner.train()  # only gradient checkpointing cares: dropout is off
+                grad_norm = update(learner, optimizer, batch, n_prompt, args)
+                learner.eval()
+
+            # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock()}
+            row |= batch_stats(batch, rewards, baseline, batch_size)
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm.item()
+            due = run.evaluation_due(iteration, batch_size, num_iterations)
+            if due and run.rank == 0:
+                row |= evaluate(policy, tok, args)
+            run.log(row, "reward_mean", "kl", "entropy")
+            if due:  # after the row: a resume redoes everything after its last save
+                run.save(row, policy, tok, running_mean=running_mean)
+        except FloatingPointError as e:
+            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+    run.finish()
+
+
+def batch_stats(batch: dict, rewards: torch.Tensor, baseline: torch.Tensor, batch_size: int) -> dict:
+    """What the log says of a batch of responses, over every process: means per response, and per token."""
+    mean = lambda x: global_sum(x.sum()) / batch_size
+    advantages, mask = batch["advantages"], batch["mask"]
+    return floats({
+        "reward_mean": mean(rewards),  # score − β·KL
+        "score_mean": mean(batch["scores"]),
+        "baseline_mean": mean(baseline),
+        "advantage_std": (mean(advantages**2) - mean(advantages) ** 2).clamp(min=0).sqrt(),
+        "kl": mean(batch["kl"]),  # KL(π_θ‖π_ref) per response, in nats: k1, the estimator in the reward
+        "response_length": global_sum(mask.sum()) / batch_size,
+        "entropy": masked_mean(batch["entropy"], mask),
+    })  # fmt: skip
+
+
+# ==== Below: the machinery a reader may skip. ============================================================
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
+# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
+# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
     (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
@@ -330,62 +406,62 @@ def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, tempe
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
 
 
-def token_logprobs(model, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
-    """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
-    it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
-    attention mask, position ids and temperature."""
-    mask = attn[:, n_prompt:].bool()  # the response mask
-    with autocast(ids.device):
-        out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
-        hidden = out.last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
-        lm_head, tokens = model.get_output_embeddings(), ids[:, n_prompt:]
-        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy)
-    unpack = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
-    return unpack(logp), unpack(entropy)
+@torch.no_grad()
+def evaluate(policy, tok, args) -> dict:
+    """Greedy exact-match accuracy and mean sampled reward on the task's evaluation prompts; and on the
+    console, what the model writes for the first few (prompt | greedy completion | score). The sampled half
+    draws from its own fixed generator, so evaluating leaves training unchanged."""
+    prompts, result = eval_prompts(), {}
+    for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
+        gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
+        size = args.inference_batch_size
+        ids, _, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size,
+                                                  greedy, gen)  # fmt: skip
+        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        scores = list(map(reward, prompts, texts, finished.tolist()))
+        result[key] = sum(scores) / len(prompts)
+        if greedy:
+            shown = lambda text: repr(text) if len(repr(text)) <= 60 else repr(text)[:59] + "…"
+            for prompt, text, score in list(zip(prompts, texts, scores))[:4]:
+                print(f"    {shown(prompt)} | {shown(text)} | {score:g}")
+    return result
 
 
-# ---- REINFORCE ----
+# Sums, means and variances over the valid tokens of every process: batch statistics are global.
 def global_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ of x over every process (x itself without torch.distributed): batch statistics are global."""
+    """Σ of x over every process (x itself without torch.distributed)."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
     return x
 
 
-def leave_one_out(scores: torch.Tensor) -> torch.Tensor:
-    """RLOO baseline for scores [P, K]: for each response, the mean score of the other K − 1."""
-    k = scores.shape[1]
-    return (scores.sum(1, keepdim=True) - scores) / (k - 1)
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum()  # where, not x·mask: NaN·0 = NaN
 
 
-def reinforce_loss(logp: torch.Tensor, response_mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """Surrogate whose gradient is the REINFORCE estimate −(R − b)·Σ_t ∇ log π_θ(a_t | s_t).
-    Tokens are summed within a response and responses averaged: the sum is the log-probability
-    of the whole response, the action the reward scores, so the estimate stays unbiased. Averaging
-    over tokens instead would favour short responses."""
-    seq_logp = torch.where(response_mask, logp, 0.0).sum(1)
-    return -(advantages.detach() * seq_logp).mean()
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over the valid entries of every process."""
+    return global_sum(masked_sum(x, mask)) / global_sum(mask.sum())
 
 
-def update(model, optimizer, batch: dict, n_prompt: int, args: Args) -> torch.Tensor:
-    """One gradient step on reinforce_loss over this process's responses, summed over micro-batches
-    (each weighted by its share of the responses); DistributedDataParallel averages it over the
-    processes, which hold as many responses each. Returns the gradient norm; the step is taken only
-    if it is finite."""
-    n = len(batch["mask"])
-    micro = [slice(i, i + args.micro_batch_size) for i in range(0, n, args.micro_batch_size)]
-    optimizer.zero_grad(set_to_none=True)
-    for i, mb in enumerate(micro):
-        sync = i == len(micro) - 1 or not isinstance(model, DistributedDataParallel)  # average once, at the end
-        with contextlib.nullcontext() if sync else model.no_sync():
-            logp, _ = model(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature)
-            loss = reinforce_loss(logp, batch["mask"][mb], batch["advantages"][mb])
-            (loss * len(batch["mask"][mb]) / n).backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-    return grad_norm
+def floats(row: dict) -> dict:
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
+
+
+# The policy's forward pass (as in grpo.py).
+def token_logprobs(policy, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
+    """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
+    it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
+    attention mask, position ids and temperature."""
+    mask = attn[:, n_prompt:].bool()  # the response mask
+    with autocast(ids.device):
+        out = policy.base_model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+        hidden = out.last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:]
+        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy)
+    unpack = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+    return unpack(logp), unpack(entropy)
 
 
 class PolicyLogProbs(torch.nn.Module):
@@ -399,183 +475,228 @@ class PolicyLogProbs(torch.nn.Module):
         return token_logprobs(self.policy, ids, attn, n_prompt, temperature)
 
 
-# ---- Evaluation and saving ----
-@torch.no_grad()
-def evaluate(model, tok, args: Args) -> dict:
-    """Greedy exact-match accuracy and mean sampled reward on the fixed 500 evaluation pairs.
-    The sampled half draws from its own fixed generator, so evaluating leaves training unchanged."""
-    prompts = [prompt_of(a, b) for a, b in EVAL_PAIRS]
-    result = {}
-    for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
-        gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
-        size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(model, tok, prompts, args.max_new_tokens, args.temperature, size,
-                                                  greedy, gen)  # fmt: skip
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
-        result[key] = sum(map(reward, prompts, texts, finished.tolist())) / len(prompts)
-    return result
+# ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
+    """This script's own bad input: (is it bad, the error line)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    at_least_one = ["total_episodes", "num_prompts", "samples_per_prompt", "max_new_tokens", "micro_batch_size"]
+    at_least_one += ["inference_batch_size", "eval_every"]
+    positive = ["learning_rate", "max_grad_norm", "temperature"]
+    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
+    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
+    return problems + [
+        (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (args.num_prompts % world != 0, f"--num-prompts {args.num_prompts} must split over {world} processes"),
+        (
+            args.baseline == "leave-one-out" and args.samples_per_prompt < 2,
+            "--baseline leave-one-out needs --samples-per-prompt >= 2",
+        ),
+    ]
 
 
-def save(model, tok, path: Path, state: dict) -> None:
+def parse_args() -> Args:
+    """The command line, checked: bad input ends the run here with one line on stderr."""
+    argv = sys.argv[1:]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
+            args = tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code == 0:
+            raise  # --help, printed on stdout
+        sys.exit(f"error: {cli_error(argv)}")
+    if args.resume is not None:
+        saved = Path(args.resume) / "model" / "training_state.pt"
+        if args != Args(resume=args.resume):
+            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
+        old = saved.parent.with_name("model.old")
+        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
+            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
+                old.rename(saved.parent)
+        if not saved.exists():
+            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
+        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
+        args.output_dir = args.resume
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    problems = check_args(args, world) + [
+        (
+            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
+            "--device must be auto, cpu or cuda",
+        ),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+    ]
+    for bad, message in problems:
+        if bad:
+            sys.exit(f"error: {message}")
+    return args
+
+
+def cli_error(argv: list[str]) -> str:
+    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
+    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
+    groups = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append(token.split("=", 1))
+        elif not groups:
+            return f"unexpected argument {token!r}"
+        else:
+            groups[-1].append(token)
+    for flag, *values in groups:
+        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
+        if field is None:
+            return f"unrecognized flag {flag}"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                tyro.cli(Args, args=[flag, *values])
+        except SystemExit:
+            if field.type is bool:
+                return f"{flag} takes no value"
+            kinds = get_args(field.type) or (field.type,)
+            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
+                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
+            )
+            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
+    return "cannot parse " + " ".join(argv)
+
+
+def start(args) -> torch.device:
+    """This process's device, and under torchrun its process group: NCCL with one GPU per process, or gloo on
+    a CPU. Seeds torch's generator, which draws the responses, with seed + rank: each process samples its own."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    if cuda and world > 1:  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(args.seed + rank)
+    return device
+
+
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose gradients DistributedDataParallel averages over the processes (itself in one process)."""
+    return DistributedDataParallel(module) if dist.is_initialized() else module
+
+
+class Run:
+    """The run's folder, which process 0 alone writes: args.json, metrics.jsonl (a row per iteration) and
+    model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
+    prompts (seed + rank), which a save keeps with torch's."""
+
+    def __init__(self, args, name: str, device: torch.device):
+        self.args, self.name, self.device = args, name, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dir = Path(args.output_dir or f"runs/{name}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.rng = random.Random(args.seed + self.rank)
+        self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
+        self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+
+    def restore(self, **stateful) -> dict:
+        """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
+        --resume, load them and the generators from the last save. Returns that save's state ({} if none)."""
+        self.stateful = {k: v for k, v in stateful.items() if v is not None}
+        if not self.args.resume:
+            return {}
+        state = torch.load(self.dir / "model" / "training_state.pt", weights_only=True)
+        if len(state["rng"]) != self.world:
+            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
+        for key, value in self.stateful.items():
+            value.load_state_dict(state[key])
+        python_rng, torch_rng, cuda_rng = state["rng"][self.rank]
+        self.rng.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
+        return state
+
+    def begin(self, policy, description: str) -> None:
+        """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
+        resuming (the rows after it will be written again); print the banner. Starts the clock."""
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []
+            self.metrics = open(self.dir / "metrics.jsonl", "w")
+            self.metrics.writelines(r + "\n" for r in rows if json.loads(r)["iteration"] < self.first_iteration)
+            print(
+                f"{self.name}: {self.args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
+                f"{self.world} x {self.device}\n  {description}"
+                + (f", resumed after iteration {self.first_iteration - 1}" if self.args.resume else "")
+                + f" -> {self.dir}"
+            )
+        self.start = self.last_print = time.time() - self.seconds
+
+    def clock(self) -> float:
+        """Wall seconds since training began, resumed runs included."""
+        return round(time.time() - self.start, 3)
+
+    def evaluation_due(self, iteration: int, batch_size: int, num_iterations: int) -> bool:
+        """Every --eval-every episodes, before the first update (iteration 0) and after the last."""
+        episodes, every = iteration * batch_size, self.args.eval_every
+        return episodes // every > (episodes - batch_size) // every or iteration in (0, num_iterations)
+
+    def log(self, row: dict, *shown: str) -> None:
+        """Append the row to metrics.jsonl (rank 0), and print the keys `shown` of it at least every 10 s."""
+        if self.rank != 0:
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if time.time() - self.last_print >= 10 or "eval_accuracy" in row or row["iteration"] == 1:
+            self.last_print = time.time()
+            value = lambda k: "n/a" if row.get(k) is None else f"{row[k]:.3f}"
+            print(
+                f"iter {row['iteration']:4d}  episodes {row['episodes']:6d}  "
+                + "  ".join(f"{k.removesuffix('_mean')} {value(k)}" for k in shown)
+                + f"  {row['episodes'] / (time.time() - self.start):.0f} episodes/s"
+                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+            )
+
+    def save(self, row: dict, policy, tok, **numbers) -> None:
+        """Save the policy and, beside it, what --resume needs: the iteration and its clock, `numbers`, the
+        state of what restore() named, and every process's generators. The other processes wait, so a
+        save is never half-written when training goes on."""
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng_state = (self.rng.getstate(), torch.get_rng_state(), cuda_rng)
+        rng_states = [rng_state] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng_states, rng_state)
+        if self.rank == 0:
+            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states)
+            state |= {key: value.state_dict() for key, value in self.stateful.items()}
+            save(policy, tok, self.dir / "model", state)
+        if self.world > 1:
+            dist.barrier()
+
+    def finish(self) -> None:
+        """The closing line: eval accuracy before -> after, wall time and speed."""
+        if self.rank == 0:
+            self.metrics.close()
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines()
+            first, last = json.loads(rows[0]), json.loads(rows[-1])
+            print(
+                f"{self.name}: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in "
+                f"{last['seconds']:.0f}s, {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; "
+                f"model saved to {self.dir / 'model'}"
+            )
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def save(policy, tok, path: Path, state: dict) -> None:
     """The policy (loadable with from_pretrained) and, beside it, what --resume needs. Written to a
     temporary folder first, so an interrupted save never destroys the previous one."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    policy.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ---- Training ----
-def main() -> None:
-    args = parse_args()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
-    if cuda and world > 1:  # one GPU per process
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if world > 1:  # one process per GPU (NCCL), or per share of the CPU (gloo)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    out_dir = Path(args.output_dir or f"runs/reinforce-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    torch.manual_seed(args.seed + rank)  # each process samples its own responses
-    policy, tok = load_policy(str(out_dir / "model") if args.resume else args.model, device)  # π_θ
-    ref_model = None
-    if args.kl_coef > 0:  # π_ref, frozen: in bf16 on a GPU, where autocast computes in bf16 anyway
-        ref_model = load_policy(args.model, device, torch.bfloat16 if cuda else torch.float32)[0].requires_grad_(False)
-    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
-        policy.activation_checkpointing_enable()
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
-    local_prompts = args.num_prompts // world
-    batch_size = args.num_prompts * args.samples_per_prompt
-    num_iterations = math.ceil(args.total_episodes / batch_size)
-    rng = random.Random(args.seed + rank)
-    running_mean, done, seconds = None, -1, 0.0  # the mean baseline, the last iteration done (none), its time
-    if args.resume:  # the state of the last save
-        state = torch.load(out_dir / "model" / "training_state.pt", weights_only=True)
-        if len(state["rng"]) != world:
-            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {world}")
-        running_mean, done, seconds = state["running_mean"], state["iteration"], state["seconds"]
-        optimizer.load_state_dict(state["optimizer"])
-        python_rng, torch_rng, cuda_rng = state["rng"][rank]
-        rng.setstate(python_rng)
-        torch.set_rng_state(torch_rng)
-        if cuda:
-            torch.cuda.set_rng_state(cuda_rng, device)
-    model = PolicyLogProbs(policy)
-    trainable = DistributedDataParallel(model) if world > 1 else model  # averages gradients over processes
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        rows = (out_dir / "metrics.jsonl").read_text().splitlines() if args.resume else []
-        metrics_file = open(out_dir / "metrics.jsonl", "w")  # rows after the last save will be done again
-        metrics_file.writelines(row + "\n" for row in rows if json.loads(row)["iteration"] <= done)
-        print(
-            f"reinforce: {args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
-            f"{world} x {device}\n"
-            f"  {num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
-            f"{args.samples_per_prompt} samples), baseline {args.baseline}, kl_coef {args.kl_coef}"
-            + (f", resumed after iteration {done}" if args.resume else "")
-            + f" -> {out_dir}"
-        )
-
-    start = last_print = time.time() - seconds
-    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
-    for iteration in range(done + 1, num_iterations + 1):
-        # 1. Sample K responses for each of P prompts, and score them.
-        pairs = [rng.choice(TRAIN_PAIRS) for _ in range(local_prompts)]
-        prompts = [prompt_of(a, b) for a, b in pairs for _ in range(args.samples_per_prompt)]
-        size = args.inference_batch_size
-        ids, attn, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size)
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
-        scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=device)
-
-        # 2. R = score − β·Σ_t (log π_θ − log π_ref): the KL penalty is part of the reward, so
-        #    it is scaled by the same advantage as the score.
-        chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
-        with torch.no_grad():
-            passes = [token_logprobs(policy, ids[c], attn[c], n_prompt, args.temperature, True) for c in chunks]
-            logp, entropy = (torch.cat(x) for x in zip(*passes))
-            kl = torch.zeros_like(scores)
-            if ref_model is not None:
-                logp_ref = torch.cat([token_logprobs(ref_model, ids[c], attn[c], n_prompt, args.temperature)[0]
-                                      for c in chunks])  # fmt: skip
-                kl = torch.where(mask, logp - logp_ref, 0.0).sum(1)
-        rewards = scores - args.kl_coef * kl
-
-        # 3. Advantage A = R − b, with b independent of the response it scales.
-        if args.baseline == "leave-one-out":
-            baseline = leave_one_out(rewards.view(local_prompts, -1)).flatten()
-        elif args.baseline == "mean":  # the mean of earlier batches only, so b never sees this R
-            baseline = torch.full_like(rewards, running_mean if running_mean is not None else 0.0)
-            batch_mean = (global_sum(rewards.sum()) / batch_size).item()
-            running_mean = batch_mean if running_mean is None else 0.9 * running_mean + 0.1 * batch_mean
-        else:
-            baseline = torch.zeros_like(rewards)
-        advantages = rewards - baseline
-
-        # 4. One gradient step on −mean_i A_i·Σ_t log π_θ (none at iteration 0).
-        grad_norm = None
-        if iteration > 0:
-            batch = dict(ids=ids, attn=attn, mask=mask, advantages=advantages)
-            trainable.train()  # only gradient checkpointing cares: dropout is off in the config
-            grad_norm = update(trainable, optimizer, batch, n_prompt, args)
-            trainable.eval()
-            if not torch.isfinite(grad_norm):
-                sys.exit(f"error: non-finite gradient at iteration {iteration}; the last save is in {out_dir}")
-
-        # 5. Log, evaluate and save (rank 0; the others wait, so a save is never half-written).
-        episodes = iteration * batch_size
-        mean = lambda x: global_sum(x.sum()) / batch_size
-        n_tokens = global_sum(mask.sum())
-        row = {
-            "iteration": iteration, "episodes": episodes, "seconds": round(time.time() - start, 3),
-            "reward_mean": mean(rewards), "score_mean": mean(scores), "baseline_mean": mean(baseline),
-            "advantage_std": (mean(advantages**2) - mean(advantages) ** 2).clamp(min=0).sqrt(),
-            "kl": mean(kl), "response_length": n_tokens / batch_size,
-            "entropy": global_sum(torch.where(mask, entropy, 0.0).sum()) / n_tokens,
-        }  # fmt: skip
-        if grad_norm is not None:
-            row["grad_norm"] = grad_norm
-        row = {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
-        evaluation_due = episodes // args.eval_every > (episodes - batch_size) // args.eval_every
-        if evaluation_due or iteration in (0, num_iterations):
-            rng_state = (rng.getstate(), torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
-            rng_states = [rng_state] * world
-            if world > 1:
-                dist.all_gather_object(rng_states, rng_state)
-            if rank == 0:
-                row.update(evaluate(policy, tok, args))
-                state = dict(iteration=iteration, seconds=row["seconds"], running_mean=running_mean, rng=rng_states,
-                             optimizer=optimizer.state_dict())  # fmt: skip
-                metrics_file.write(json.dumps(row) + "\n")  # before the save: a resume redoes what follows it
-                metrics_file.flush()
-                save(policy, tok, out_dir / "model", state)
-            if world > 1:
-                dist.barrier()
-        elif rank == 0:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        if rank == 0 and (time.time() - last_print >= 10 or "eval_accuracy" in row or iteration == 1):
-            last_print = time.time()
-            print(
-                f"iter {iteration:4d}  episodes {episodes:6d}  reward {row['reward_mean']:.3f}  kl {row['kl']:.3f}  "
-                f"entropy {row['entropy']:.3f}  {episodes / (time.time() - start):.0f} episodes/s"
-                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
-            )
-    if rank == 0:
-        rows = (out_dir / "metrics.jsonl").read_text().splitlines()
-        first, last = json.loads(rows[0]), json.loads(rows[-1])
-        print(
-            f"reinforce: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in "
-            f"{last['seconds']:.0f}s, {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; "
-            f"model saved to {out_dir / 'model'}"
-        )
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -89,78 +89,7 @@ class Args:
     """auto = cuda when available, else cpu"""
 
 
-def cli_error(argv: list[str]) -> str:
-    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
-    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
-    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
-    groups = []
-    for token in argv:
-        if token.startswith("--"):
-            groups.append(token.split("=", 1))
-        elif not groups:
-            return f"unexpected argument {token!r}"
-        else:
-            groups[-1].append(token)
-    for flag, *values in groups:
-        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
-        if field is None:
-            return f"unrecognized flag {flag}"
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                tyro.cli(Args, args=[flag, *values])
-        except SystemExit:
-            if field.type is bool:
-                return f"{flag} takes no value"
-            kinds = get_args(field.type) or (field.type,)
-            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
-                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
-            )
-            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
-    return "cannot parse " + " ".join(argv)
-
-
-def parse_args() -> Args:
-    """The command line, checked: bad input ends the run here with one line on stderr."""
-    argv = sys.argv[1:]
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
-            args = tyro.cli(Args, args=argv)
-    except SystemExit as e:
-        if e.code == 0:
-            raise  # --help, printed on stdout
-        sys.exit(f"error: {cli_error(argv)}")
-    args.output_dir = args.output_dir or f"runs/reward_model-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(args.output_dir)
-    flag = lambda name: "--" + name.replace("_", "-")
-    at_least_one = ["eval_pairs", "max_new_tokens", "epochs", "batch_size", "micro_batch_size"]
-    at_least_one += ["inference_batch_size", "calibration_samples"]
-    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
-    positive = ["learning_rate", "temperature", "calibration_temperature"]
-    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
-    problems += [
-        (
-            not args.num_pairs > args.eval_pairs,
-            f"--num-pairs {args.num_pairs} leaves no pair to train on after --eval-pairs {args.eval_pairs}",
-        ),
-        (not 0 <= args.label_noise <= 0.5, "--label-noise must be in [0, 0.5]: beyond 0.5 it reverses the preference"),
-        # The save replaces the whole folder: never one that holds anything but an earlier reward model.
-        (
-            out.exists() and any(out.iterdir()) and not (out / "metrics.json").exists(),
-            f"--output-dir {out} exists and is not a reward model's folder: the save would replace it",
-        ),
-        (
-            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
-            "--device must be auto, cpu or cuda",
-        ),
-        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
-    ]
-    for bad, message in problems:
-        if bad:
-            sys.exit(f"error: {message}")
-    return args
-
-
-# ---- The task: two-digit addition. `reward` is the gold preference's judge. ----
+# ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""
@@ -178,6 +107,17 @@ def prompt_of(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
+def train_prompts(rng: random.Random, n: int) -> list[str]:
+    """n training prompts, drawn with replacement."""
+    return [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(n)]
+
+
+def eval_prompts() -> list[str]:
+    """The fixed evaluation prompts, never trained on."""
+    return [prompt_of(a, b) for a, b in EVAL_PAIRS]
+
+
+# ==== The reward model: preferences, the Bradley-Terry loss, and the shift. ====
 def preference(first: tuple, second: tuple) -> tuple | None:
     """The gold preference between two responses to one prompt, each (prompt, completion, finished):
     (chosen, rejected), the right one chosen; None when both are right or both wrong (such a pair is skipped)."""
@@ -197,7 +137,136 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen - rejected)
 
 
-# ---- Models and sampling (ppo.py's, copied) ----
+# ---- Training the reward model, and shifting it ----
+@torch.no_grad()
+def pairwise(model, tok, chosen: list[str], rejected: list[str], batch_size: int) -> tuple[float, float]:
+    """Pairwise accuracy (the share of pairs with r_chosen > r_rejected; a tie counts as wrong) and mean loss."""
+    r_chosen, r_rejected = (reward_model_scores(model, tok, texts, batch_size) for texts in (chosen, rejected))
+    return (r_chosen > r_rejected).double().mean().item(), bradley_terry_loss(r_chosen, r_rejected).mean().item()
+
+
+@torch.no_grad()
+def calibrate(model, tok, texts: list[str], batch_size: int) -> tuple[float, float]:
+    """Divide the score head by the standard deviation of the texts' raw scores and store their (divided)
+    mean in config.reward_offset, so that reward_model_scores gives them mean 0 and standard deviation 1.
+    A positive scale keeps every preference. Returns the offset and the scale."""
+    model.config.reward_offset = 0.0  # measure raw scores, whatever offset the model came with
+    raw = reward_model_scores(model, tok, texts, batch_size).double()
+    scale = raw.std(correction=0).item() or 1.0  # one text, or all alike: nothing to scale
+    for p in model.score.parameters():
+        p.div_(scale)
+    model.config.reward_offset = raw.mean().item() / scale
+    return model.config.reward_offset, scale
+
+
+# ==== Training ====
+def main() -> None:
+    args = parse_args()
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device(args.device if args.device.startswith("cuda") else "cuda" if cuda else "cpu")
+    out_dir = Path(args.output_dir)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)  # prompts and label noise
+    policy, tok = load_policy(args.model, device)
+    model = new_reward_model(args.model, tok, device)
+    n_train = args.num_pairs - args.eval_pairs
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    print(
+        f"reward_model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), {device}\n"
+        f"  {args.num_pairs} pairs ({n_train} to train on, label noise {args.label_noise}; {args.eval_pairs} held "
+        f"out), {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} pairs -> {out_dir}"
+    )
+
+    # 1. Preferences: two responses per training prompt, kept when exactly one of them is right.
+    start = last_print = time.time()
+    pairs, sampled = [], 0
+    while len(pairs) < args.num_pairs:
+        if sampled >= MAX_SAMPLED_PER_PAIR * args.num_pairs:
+            sys.exit(
+                f"error: {args.model} at --temperature {args.temperature}: only {len(pairs)} of {sampled} sampled "
+                f"pairs had one right and one wrong response, {args.num_pairs} needed"
+            )
+        prompts = train_prompts(rng, args.inference_batch_size)
+        sampled_pairs = responses(policy, tok, prompts * 2, args.temperature, args)
+        for first, second in zip(sampled_pairs[: len(prompts)], sampled_pairs[len(prompts) :]):
+            if len(pairs) < args.num_pairs:
+                sampled += 1
+                pairs += filter(None, [preference(first, second)])
+        if time.time() - last_print >= 10:
+            last_print = time.time()
+            print(f"sampling  {len(pairs)} of {args.num_pairs} pairs from {sampled} sampled  {last_print - start:.0f}s")
+    held_out, train = pairs[: args.eval_pairs], pairs[args.eval_pairs :]  # i.i.d. pairs: a random split
+    train = flip_labels(train, args.label_noise, rng)
+    flipped = sum(reward(*chosen) < reward(*rejected) for chosen, rejected in train)
+    text = lambda response: reward_model_text(*response, tok)
+    held_out_chosen, held_out_rejected = ([text(pair[k]) for pair in held_out] for k in (0, 1))
+    chosen, rejected = ([text(pair[k]) for pair in train] for k in (0, 1))
+
+    # 2. Bradley-Terry: minimise −log σ(r_chosen − r_rejected), through the lines ppo.py scores with.
+    before = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
+    print(f"held-out accuracy {before[0]:.3f}  loss {before[1]:.3f}  before training  {time.time() - start:.0f}s")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    total_steps, step = args.epochs * steps_per_epoch, 0
+    for epoch in range(1, args.epochs + 1):
+        losses = []
+        for idx in torch.randperm(n_train).split(args.batch_size):
+            # Linear decay to 0, so the saved model is not a noisy snapshot of the last steps.
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * (1 - step / total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for mb in idx.split(args.micro_batch_size):
+                texts = [chosen[i] for i in mb] + [rejected[i] for i in mb]
+                r_chosen, r_rejected = reward_model_scores(model, tok, texts, len(texts)).split(len(mb))
+                loss = bradley_terry_loss(r_chosen, r_rejected).sum()
+                (loss / len(idx)).backward()  # the minibatch's mean, whatever the micro-batches
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                sys.exit(f"error: non-finite loss at epoch {epoch}, step {step + 1}; nothing was saved")
+            optimizer.step()
+            step += 1
+            losses.append(loss_sum / len(idx))
+            if time.time() - last_print >= 10:
+                last_print = time.time()
+                print(f"epoch {epoch}  step {step:5d}/{total_steps}  loss {losses[-1]:.3f}  {last_print - start:.0f}s")
+        accuracy, held_out_loss = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
+        train_loss = sum(losses) / len(losses)
+        print(f"epoch {epoch}  train loss {train_loss:.3f}  held-out accuracy {accuracy:.3f}  loss {held_out_loss:.3f}"
+              f"  {time.time() - start:.0f}s")  # fmt: skip
+
+    # 3. Shift: the starting policy's fresh samples score 0 on average (see the module docstring).
+    prompts = train_prompts(rng, args.calibration_samples)
+    samples = responses(policy, tok, prompts, args.calibration_temperature, args)
+    offset, scale = calibrate(model, tok, [text(r) for r in samples], args.inference_batch_size)
+    metrics = {
+        "held_out_accuracy_before": before[0],
+        "held_out_accuracy": accuracy,
+        "held_out_loss_before": before[1],
+        "held_out_loss": held_out_loss,
+        "train_loss": train_loss,  # mean over the last epoch, on the (noisy) training labels
+        "reward_offset": offset,
+        "reward_scale": scale,  # the score head was divided by it
+        "num_pairs": args.num_pairs,
+        "train_pairs": n_train,
+        "eval_pairs": args.eval_pairs,
+        "flipped_labels": flipped,
+        "sampled_pairs": sampled,
+        "skipped_pairs": sampled - args.num_pairs,  # both right or both wrong: no gold preference
+        "seconds": round(time.time() - start, 3),
+    }
+    save(model, tok, out_dir, {"args.json": asdict(args), "metrics.json": metrics})
+    print(
+        f"reward_model: held-out accuracy {before[0]:.3f} -> {accuracy:.3f} in {metrics['seconds']:.0f}s, "
+        f"{sampled - args.num_pairs} of {sampled} sampled pairs skipped, scale {scale:.3f}, offset {offset:.4f}; "
+        f"saved to {out_dir}"
+    )
+
+
+# ==== Below: the machinery a reader may skip. ============================================================
+# The language model: loading and sampling, the same code in reinforce.py, actor_critic.py and ppo.py
+# (tests/test_task.py checks it); reading the reward model, the same code in ppo.py.
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
+# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
     """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
     (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
@@ -231,45 +300,6 @@ def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.floa
     if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
         sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     return model, tok
-
-
-def new_reward_model(name: str, tok, device: torch.device):
-    """The causal LM `name` as a sequence classifier with one output: its backbone, and a new linear `score`
-    head on the last hidden state (drawn from torch's generator, so seeded). Kept in eval mode throughout, as
-    ppo.py loads it: no dropout, so the score trained is the score PPO reads."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report would list the new head as missing, as it is meant to be
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device).eval()
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot load {name} as a sequence classifier: {str(e).splitlines()[0]}")
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-        sys.exit(f"error: {name} as a sequence classifier has no `score` head on its last hidden state")
-    model.config.pad_token_id = tok.pad_token_id  # its own forward finds the last token by it
-    return model
-
-
-def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
-    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
-    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
-    return prompt + completion + (tok.eos_token if finished else "")
-
-
-def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
-    """The reward model's score of each text, read at its own last token: right padding, and the
-    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
-    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
-        enc = enc.to(model.device)
-        last = enc["attention_mask"].sum(1) - 1
-        with autocast(model.device):
-            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
-            scores.append(model.score(hidden).squeeze(-1).float())
-    return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -358,26 +388,115 @@ def responses(policy, tok, prompts: list[str], temperature: float, args: Args) -
     return list(zip(prompts, decode(tok, ids[:, n_prompt:], mask, finished), finished.tolist()))
 
 
-# ---- Training the reward model, and shifting it ----
-@torch.no_grad()
-def pairwise(model, tok, chosen: list[str], rejected: list[str], batch_size: int) -> tuple[float, float]:
-    """Pairwise accuracy (the share of pairs with r_chosen > r_rejected; a tie counts as wrong) and mean loss."""
-    r_chosen, r_rejected = (reward_model_scores(model, tok, texts, batch_size) for texts in (chosen, rejected))
-    return (r_chosen > r_rejected).double().mean().item(), bradley_terry_loss(r_chosen, r_rejected).mean().item()
+def new_reward_model(name: str, tok, device: torch.device):
+    """The causal LM `name` as a sequence classifier with one output: its backbone, and a new linear `score`
+    head on the last hidden state (drawn from torch's generator, so seeded). Kept in eval mode throughout, as
+    ppo.py loads it: no dropout, so the score trained is the score PPO reads."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report would list the new head as missing, as it is meant to be
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device).eval()
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load {name} as a sequence classifier: {str(e).splitlines()[0]}")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        sys.exit(f"error: {name} as a sequence classifier has no `score` head on its last hidden state")
+    model.config.pad_token_id = tok.pad_token_id  # its own forward finds the last token by it
+    return model
 
 
-@torch.no_grad()
-def calibrate(model, tok, texts: list[str], batch_size: int) -> tuple[float, float]:
-    """Divide the score head by the standard deviation of the texts' raw scores and store their (divided)
-    mean in config.reward_offset, so that reward_model_scores gives them mean 0 and standard deviation 1.
-    A positive scale keeps every preference. Returns the offset and the scale."""
-    model.config.reward_offset = 0.0  # measure raw scores, whatever offset the model came with
-    raw = reward_model_scores(model, tok, texts, batch_size).double()
-    scale = raw.std(correction=0).item() or 1.0  # one text, or all alike: nothing to scale
-    for p in model.score.parameters():
-        p.div_(scale)
-    model.config.reward_offset = raw.mean().item() / scale
-    return model.config.reward_offset, scale
+def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
+    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
+    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
+    return prompt + completion + (tok.eos_token if finished else "")
+
+
+def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
+    """The reward model's score of each text, read at its own last token: right padding, and the
+    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
+    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
+        enc = enc.to(model.device)
+        last = enc["attention_mask"].sum(1) - 1
+        with autocast(model.device):
+            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
+            scores.append(model.score(hidden).squeeze(-1).float())
+    return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
+
+
+# ==== Below: the plumbing. Command line and saving. ====
+def parse_args() -> Args:
+    """The command line, checked: bad input ends the run here with one line on stderr."""
+    argv = sys.argv[1:]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
+            args = tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code == 0:
+            raise  # --help, printed on stdout
+        sys.exit(f"error: {cli_error(argv)}")
+    args.output_dir = args.output_dir or f"runs/reward_model-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.output_dir)
+    flag = lambda name: "--" + name.replace("_", "-")
+    at_least_one = ["eval_pairs", "max_new_tokens", "epochs", "batch_size", "micro_batch_size"]
+    at_least_one += ["inference_batch_size", "calibration_samples"]
+    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
+    positive = ["learning_rate", "temperature", "calibration_temperature"]
+    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
+    problems += [
+        (
+            not args.num_pairs > args.eval_pairs,
+            f"--num-pairs {args.num_pairs} leaves no pair to train on after --eval-pairs {args.eval_pairs}",
+        ),
+        (not 0 <= args.label_noise <= 0.5, "--label-noise must be in [0, 0.5]: beyond 0.5 it reverses the preference"),
+        # The save replaces the whole folder: never one that holds anything but an earlier reward model.
+        (
+            out.exists() and any(out.iterdir()) and not (out / "metrics.json").exists(),
+            f"--output-dir {out} exists and is not a reward model's folder: the save would replace it",
+        ),
+        (
+            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
+            "--device must be auto, cpu or cuda",
+        ),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+    ]
+    for bad, message in problems:
+        if bad:
+            sys.exit(f"error: {message}")
+    return args
+
+
+def cli_error(argv: list[str]) -> str:
+    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
+    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
+    groups = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append(token.split("=", 1))
+        elif not groups:
+            return f"unexpected argument {token!r}"
+        else:
+            groups[-1].append(token)
+    for flag, *values in groups:
+        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
+        if field is None:
+            return f"unrecognized flag {flag}"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                tyro.cli(Args, args=[flag, *values])
+        except SystemExit:
+            if field.type is bool:
+                return f"{flag} takes no value"
+            kinds = get_args(field.type) or (field.type,)
+            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
+                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
+            )
+            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
+    return "cannot parse " + " ".join(argv)
 
 
 def save(model, tok, path: Path, files: dict[str, dict]) -> None:
@@ -393,108 +512,6 @@ def save(model, tok, path: Path, files: dict[str, dict]) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def main() -> None:
-    args = parse_args()
-    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    device = torch.device(args.device if args.device.startswith("cuda") else "cuda" if cuda else "cpu")
-    out_dir = Path(args.output_dir)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)  # prompts and label noise
-    policy, tok = load_policy(args.model, device)
-    model = new_reward_model(args.model, tok, device)
-    n_train = args.num_pairs - args.eval_pairs
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
-    print(
-        f"reward_model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), {device}\n"
-        f"  {args.num_pairs} pairs ({n_train} to train on, label noise {args.label_noise}; {args.eval_pairs} held "
-        f"out), {args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} pairs -> {out_dir}"
-    )
-
-    # 1. Preferences: two responses per training prompt, kept when exactly one of them is right.
-    start = last_print = time.time()
-    pairs, sampled = [], 0
-    while len(pairs) < args.num_pairs:
-        if sampled >= MAX_SAMPLED_PER_PAIR * args.num_pairs:
-            sys.exit(
-                f"error: {args.model} at --temperature {args.temperature}: only {len(pairs)} of {sampled} sampled "
-                f"pairs had one right and one wrong response, {args.num_pairs} needed"
-            )
-        prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(args.inference_batch_size)]
-        sampled_pairs = responses(policy, tok, prompts * 2, args.temperature, args)
-        for first, second in zip(sampled_pairs[: len(prompts)], sampled_pairs[len(prompts) :]):
-            if len(pairs) < args.num_pairs:
-                sampled += 1
-                pairs += filter(None, [preference(first, second)])
-        if time.time() - last_print >= 10:
-            last_print = time.time()
-            print(f"sampling  {len(pairs)} of {args.num_pairs} pairs from {sampled} sampled  {last_print - start:.0f}s")
-    held_out, train = pairs[: args.eval_pairs], pairs[args.eval_pairs :]  # i.i.d. pairs: a random split
-    train = flip_labels(train, args.label_noise, rng)
-    flipped = sum(reward(*chosen) < reward(*rejected) for chosen, rejected in train)
-    text = lambda response: reward_model_text(*response, tok)
-    held_out_chosen, held_out_rejected = ([text(pair[k]) for pair in held_out] for k in (0, 1))
-    chosen, rejected = ([text(pair[k]) for pair in train] for k in (0, 1))
-
-    # 2. Bradley-Terry: minimise −log σ(r_chosen − r_rejected), through the lines ppo.py scores with.
-    before = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
-    print(f"held-out accuracy {before[0]:.3f}  loss {before[1]:.3f}  before training  {time.time() - start:.0f}s")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-    total_steps, step = args.epochs * steps_per_epoch, 0
-    for epoch in range(1, args.epochs + 1):
-        losses = []
-        for idx in torch.randperm(n_train).split(args.batch_size):
-            # Linear decay to 0, so the saved model is not a noisy snapshot of the last steps.
-            for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * (1 - step / total_steps)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for mb in idx.split(args.micro_batch_size):
-                texts = [chosen[i] for i in mb] + [rejected[i] for i in mb]
-                r_chosen, r_rejected = reward_model_scores(model, tok, texts, len(texts)).split(len(mb))
-                loss = bradley_terry_loss(r_chosen, r_rejected).sum()
-                (loss / len(idx)).backward()  # the minibatch's mean, whatever the micro-batches
-                loss_sum += loss.item()
-            if not math.isfinite(loss_sum):
-                sys.exit(f"error: non-finite loss at epoch {epoch}, step {step + 1}; nothing was saved")
-            optimizer.step()
-            step += 1
-            losses.append(loss_sum / len(idx))
-            if time.time() - last_print >= 10:
-                last_print = time.time()
-                print(f"epoch {epoch}  step {step:5d}/{total_steps}  loss {losses[-1]:.3f}  {last_print - start:.0f}s")
-        accuracy, held_out_loss = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
-        train_loss = sum(losses) / len(losses)
-        print(f"epoch {epoch}  train loss {train_loss:.3f}  held-out accuracy {accuracy:.3f}  loss {held_out_loss:.3f}"
-              f"  {time.time() - start:.0f}s")  # fmt: skip
-
-    # 3. Shift: the starting policy's fresh samples score 0 on average (see the module docstring).
-    prompts = [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(args.calibration_samples)]
-    samples = responses(policy, tok, prompts, args.calibration_temperature, args)
-    offset, scale = calibrate(model, tok, [text(r) for r in samples], args.inference_batch_size)
-    metrics = {
-        "held_out_accuracy_before": before[0],
-        "held_out_accuracy": accuracy,
-        "held_out_loss_before": before[1],
-        "held_out_loss": held_out_loss,
-        "train_loss": train_loss,  # mean over the last epoch, on the (noisy) training labels
-        "reward_offset": offset,
-        "reward_scale": scale,  # the score head was divided by it
-        "num_pairs": args.num_pairs,
-        "train_pairs": n_train,
-        "eval_pairs": args.eval_pairs,
-        "flipped_labels": flipped,
-        "sampled_pairs": sampled,
-        "skipped_pairs": sampled - args.num_pairs,  # both right or both wrong: no gold preference
-        "seconds": round(time.time() - start, 3),
-    }
-    save(model, tok, out_dir, {"args.json": asdict(args), "metrics.json": metrics})
-    print(
-        f"reward_model: held-out accuracy {before[0]:.3f} -> {accuracy:.3f} in {metrics['seconds']:.0f}s, "
-        f"{sampled - args.num_pairs} of {sampled} sampled pairs skipped, scale {scale:.3f}, offset {offset:.4f}; "
-        f"saved to {out_dir}"
-    )
 
 
 if __name__ == "__main__":
