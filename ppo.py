@@ -32,6 +32,7 @@ Self-contained on purpose: copy this file and gae.py into your project.
 import contextlib
 import copy
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -73,6 +74,8 @@ class Args:
     """where metrics.jsonl, args.json and model/ go (default: runs/ppo-<seed>-<time>)"""
     resume: str | None = None
     """continue the run saved in this folder, with its own arguments (give no other flag)"""
+    overwrite: bool = False
+    """replace the run in --output-dir, if one is there (else a run refuses to start there)"""
     device: str = "auto"
     """auto = cuda when available, else cpu"""
     # ---- Sampling ----
@@ -82,6 +85,8 @@ class Args:
     """longest response; one that has not emitted a stop token by then is cut off"""
     temperature: float = 0.5
     """sampling temperature, used identically when computing log-probs"""
+    chat: bool = False
+    """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
     # ---- PPO ----
     learning_rate: float = 3e-5
     """Adam learning rate of the policy and the critic at the first iteration; it decays linearly to 0"""
@@ -113,7 +118,7 @@ class Args:
     missing_eos_penalty: float = 0.0
     """subtract this from the score of responses cut off before a stop token"""
     reward_model: str | None = None
-    """score prompt + response with this AutoModelForSequenceClassification (one label) instead of `reward`"""
+    """score the sampled ids with this AutoModelForSequenceClassification (one label, the policy's vocabulary)"""
     # ---- Memory ----
     micro_batch_size: int = 64
     """responses per forward/backward pass of the update; gradients accumulate over micro-batches"""
@@ -204,14 +209,13 @@ def rollout(agent, tok, prompts: list[str], args: Args, ref_policy, reward_model
     `reward`'s) and its gold reward (`reward`'s, the task's own), and π_old, π_ref, V_old and the entropy of
     π_old on its tokens. Returns the batch, a dict of tensors with a row per response, and the prompt width."""
     size, temperature = args.inference_batch_size, args.temperature
-    ids, attn, n_prompt, mask, finished = sample(agent.policy, tok, prompts, args.max_new_tokens, temperature, size)
+    model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
+    ids, attn, n_prompt, mask, finished = sample(
+        agent.policy, tok, model_prompts, args.max_new_tokens, temperature, size
+    )
     texts = decode(tok, ids[:, n_prompt:], mask, finished)
     gold = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
-    scores = gold
-    if reward_model is not None:
-        rm, rm_tok = reward_model
-        rm_texts = [reward_model_text(p, c, f, rm_tok) for p, c, f in zip(prompts, texts, finished.tolist())]
-        scores = reward_model_scores(rm, rm_tok, rm_texts, size)
+    scores = gold if reward_model is None else reward_model_scores(reward_model, ids, attn, size)
     batch = dict(ids=ids, attn=attn, mask=mask, scores=scores - args.missing_eos_penalty * ~finished, gold=gold)
     chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
     passes = [agent(ids[c], attn[c], n_prompt, temperature, entropy=True) for c in chunks]
@@ -260,10 +264,10 @@ def main() -> None:
     # On a GPU the frozen models (π_ref, the reward model) are held in bf16: half the memory, and autocast
     # computes in bf16 anyway. The trained ones keep float32 weights, which Adam's small steps need.
     frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ref_policy, tok = load_policy(args.model, device, frozen)  # π_ref
+    ref_policy, tok = load_policy(args.model, device, frozen, args.chat)  # π_ref
     ref_policy.requires_grad_(False)
     policy, _ = load_policy(run.last_save or args.model, device)  # π_θ
-    reward_model = load_reward_model(args.reward_model, device, frozen) if args.reward_model else None
+    reward_model = load_reward_model(args.reward_model, device, frozen, tok) if args.reward_model else None
     critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
     value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)  # V = 0: no prior about rewards
@@ -285,6 +289,7 @@ def main() -> None:
         try:
             # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
             batch, n_prompt = rollout(agent, tok, train_prompts(run.rng, local_batch), args, ref_policy, reward_model)
+            run.note_equal_scores(batch["scores"], iteration)
 
             # 2. Advantages: GAE on r_t = −β·KL_t (+ the score), whitened after the returns are taken, so the
             #    critic's targets keep their scale.
@@ -368,38 +373,53 @@ def update_stats(steps: list) -> dict:
 # ==== Below: the machinery a reader may skip. ============================================================
 # The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
 # same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
-def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
-    (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
-    (the tokenizer's EOS and those of the generation config) ends up in generation_config.eos_token_id.
-    Tokenizers without a pad token reuse EOS for padding: padding is tracked by masks, never by id."""
+def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
+    """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
+    Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the
+    same policy that sampled. Every stop token (the tokenizer's EOS and those of the generation config) ends up
+    in generation_config.eos_token_id. Tokenizers without a pad token reuse EOS for padding: padding is tracked
+    by masks, never by id. With `chat`, prompts will be conversations: the tokenizer needs a chat template.
+    Ids at or past model.token_id_limit are not the tokenizer's (rows that pad the
+    embedding table: Qwen2.5 has 151,936 and 151,665 tokens): they decode to nothing, so they are never sampled."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # loading notes (a BERT's advice to set is_decoder) would break the one error line
     try:
         config = AutoConfig.from_pretrained(name)
         tok = AutoTokenizer.from_pretrained(name)
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load {name}: {str(e).splitlines()[0]}")
-    for key, value in config.to_dict().items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(config, key, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):  # one a config does not name
             module.p = 0.0
+    if model.base_model is model:  # Llama4ForCausalLM, MllamaForCausalLM: the body is not base_model
+        sys.exit(f"error: {name}: {type(model).__name__} has no base_model to read the hidden states from")
+    model.token_id_limit = min(max(tok.get_vocab().values()) + 1, model.get_output_embeddings().weight.shape[0])
+    # Log-probs come from the LM head applied to the last hidden state (see response_logprobs): a model that
+    # changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones. And a
+    # causal LM's first position does not see the second (a BERT's does). Both probed on the same input.
+    with torch.no_grad(), autocast(device):
+        probe = torch.tensor([[1, 1], [1, 2]], device=device) % model.token_id_limit
+        direct = model(input_ids=probe).logits.float()
+        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state).float()
+    if not torch.allclose(direct[0, 0], direct[1, 0], rtol=1e-5, atol=1e-5 * direct[:, 0].abs().max().item()):
+        sys.exit(f"error: {name} is not a causal language model: its first position sees the tokens after it")
+    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
+        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     eos = model.generation_config.eos_token_id
     stops = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     if not stops:
         sys.exit(f"error: {name} has no EOS token: a response could never end")
+    if chat and tok.chat_template is None:
+        sys.exit(f"error: --chat: the tokenizer of {name} has no chat template")
     model.generation_config.eos_token_id = stops
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    # Log-probs are computed from the LM head applied to the last hidden state (see forward); a model
-    # that changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones.
-    with torch.no_grad():
-        probe = torch.tensor([stops[:1] * 2], device=device)
-        direct = model(input_ids=probe).logits[0, -1].float()
-        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state[0, -1]).float()
-    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
-        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     return model, tok
 
 
@@ -434,29 +454,36 @@ def sample_token(logits: torch.Tensor, temperature: float, generator=None, block
     mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
     columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
     within = torch.where(columns < vocab, p.gather(1, columns.clamp(max=vocab - 1)), 0.0)
-    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1)
+    # A row of NaN or all −inf has no distribution; its id stays in range (sample reports the row).
+    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1).clamp(max=vocab - 1)
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
+def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
            generator=None):  # fmt: skip
-    """Left-padded sampling with a KV cache, batch_size prompts at a time. Returns the token ids
-    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the
-    response mask [B, T] (1 on every generated token up to and including the first stop token, 0
-    after it) and whether each response ended on a stop token [B] (False: it was cut off). The stop
-    tokens are generation_config.eos_token_id, where load_policy put the tokenizer's EOS too."""
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    prompt_ids, prompt_attn = enc["input_ids"], enc["attention_mask"]
+    """Left-padded sampling with a KV cache, batch_size prompts at a time. A prompt is text, or a conversation
+    (a list of {"role", "content"} messages) for the chat template (see prompt_ids). Returns the token ids
+    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the response
+    mask [B, T] (1 on every generated token up to and including the first stop token, 0 after it) and whether
+    each response ended on a stop token [B] (False: it was cut off). The stop tokens are
+    generation_config.eos_token_id, where load_policy put the tokenizer's EOS too. Logits that are NaN or inf
+    for a response still being written raise FloatingPointError: there is no distribution to sample."""
+    encoded = [prompt_ids(tok, prompt) for prompt in prompts]
+    width = max(map(len, encoded))
+    prompt_ids_ = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], device=model.device)
+    prompt_attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
     stops = torch.tensor(model.generation_config.eos_token_id, device=model.device)
+    broken = torch.zeros((), dtype=torch.bool, device=model.device)
     responses = []
-    for ids, attn in zip(prompt_ids.split(batch_size), prompt_attn.split(batch_size)):
+    for ids, attn in zip(prompt_ids_.split(batch_size), prompt_attn.split(batch_size)):
         pos, cache, tokens = positions(attn), None, []
         alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             step = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
             with autocast(ids.device):
                 out = model(**step, logits_to_keep=1)
-            cache, logits = out.cache, out.logits[:, -1].float()
+            cache, logits = out.cache, out.logits[:, -1, : model.token_id_limit].float()  # ids that are tokens
+            broken |= (alive & ~logits.amax(-1).isfinite()).any()  # NaN, +inf, or no token possible (all −inf)
             next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
             tokens.append(torch.where(alive, next_token, tok.pad_token_id))
             attn = torch.cat([attn, alive.long()[:, None]], 1)
@@ -465,14 +492,31 @@ def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: flo
                 break
             ids, pos = next_token[:, None], pos[:, -1:] + 1
         responses.append(torch.stack(tokens, 1))
+    if broken:
+        raise FloatingPointError("the policy's logits are NaN or inf")
     width = max(r.shape[1] for r in responses)
     response = torch.cat(
         [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses]
     )
     stopped = torch.isin(response, stops)
     mask = stopped.cumsum(1) - stopped.long() == 0  # no stop token before t
-    ids, attn = torch.cat([prompt_ids, response], 1), torch.cat([prompt_attn, mask.long()], 1)
-    return ids, attn, prompt_ids.shape[1], mask, stopped.any(1)
+    ids, attn = torch.cat([prompt_ids_, response], 1), torch.cat([prompt_attn, mask.long()], 1)
+    return ids, attn, prompt_ids_.shape[1], mask, stopped.any(1)
+
+
+def prompt_ids(tok, prompt) -> list[int]:
+    """A prompt's token ids. A conversation is rendered by the tokenizer's chat template with the generation
+    prompt and tokenized in the same call; text is tokenized as the tokenizer does, its special tokens (a BOS)
+    included, unless the text begins with the BOS already, as a template rendered to text does: never two."""
+    if not isinstance(prompt, str):
+        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    starts_with_bos = tok.bos_token is not None and prompt.startswith(tok.bos_token)
+    return tok(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+
+
+def conversations(prompts: list, chat: bool) -> list:
+    """With --chat, each text prompt as the user's message of a conversation, for the chat template."""
+    return [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p for p in prompts]
 
 
 def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> list[str]:
@@ -485,29 +529,30 @@ def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finishe
 LOGITS_PER_CHUNK = 2**25  # 128 MiB in float32: the most of the LM head's output that exists at once
 
 
-def logprob_chunk(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
-    z = lm_head(hidden)
+def logprob_chunk(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
+    z = lm_head(hidden)[:, :token_id_limit]  # only the tokenizer's ids have probability, as when sampling
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     log_normaliser = z.logsumexp(-1)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser  # log π(a|s) = z_a/T − logsumexp(z/T)
     if not entropy:
         return logp, torch.empty(0)
-    with torch.no_grad():  # the entropy is only logged
+    with torch.no_grad():  # the entropy is only logged; a −inf logit has probability 0 and adds 0, not 0·(−inf)
+        z = z.clamp(min=torch.finfo(z.dtype).min)
         return logp, log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
 
 
-def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
+def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
     """log π(a | s) of each token a [N] after each hidden state h(s) [N, H] and, if asked, the entropy of
-    π(· | s) [N], without gradient (else None). Rows go through the LM head in chunks, so no [N, V] tensor
-    exists at once; with gradients each chunk is recomputed in the backward pass (checkpointed), so none
-    is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per token. The entropy is
-    elementwise work over [N, V] (with a large vocabulary on a CPU, a third of a forward and backward):
-    ask for it where it is logged."""
+    π(· | s) [N], without gradient (else None), over the ids below token_id_limit. Rows go through the LM head
+    in chunks, so no [N, V] tensor exists at once; with gradients each chunk is recomputed in the backward
+    pass (checkpointed), so none is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per
+    token. The entropy is elementwise work over [N, V] (with a large vocabulary on a CPU, a third of a forward
+    and backward): ask for it where it is logged."""
     rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     chunks = [
-        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, use_reentrant=False)
+        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, token_id_limit, use_reentrant=False)
         if torch.is_grad_enabled()
-        else logprob_chunk(lm_head, h, a, temperature, entropy)
+        else logprob_chunk(lm_head, h, a, temperature, entropy, token_id_limit)
         for h, a in zip(hidden.split(rows), tokens.split(rows))
     ]
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
@@ -522,8 +567,8 @@ def evaluate(policy, tok, args) -> dict:
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
         gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
         size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size,
-                                                  greedy, gen)  # fmt: skip
+        ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
+                                                  args.temperature, size, greedy, gen)  # fmt: skip
         texts = decode(tok, ids[:, n_prompt:], mask, finished)
         scores = list(map(reward, prompts, texts, finished.tolist()))
         result[key] = sum(scores) / len(prompts)
@@ -578,7 +623,8 @@ def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, v
     with autocast(ids.device):
         hidden = policy.base_model(**inputs).last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
         lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:]
-        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy)
+        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy,
+                                          policy.token_id_limit)  # fmt: skip
         if critic is not None and value_head is not None:
             hidden = critic(**inputs).last_hidden_state[:, n_prompt - 1 : -1]
     values = None if value_head is None else value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
@@ -597,8 +643,9 @@ class PolicyAndCritic(torch.nn.Module):
         return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head, entropy)
 
 
-def load_reward_model(path: str, device: torch.device, dtype: torch.dtype):
-    """A sequence classifier with one output and its `score` head on the last hidden state."""
+def load_reward_model(path: str, device: torch.device, dtype: torch.dtype, policy_tok):
+    """A sequence classifier with one output and its `score` head on the last hidden state, which reads the
+    token ids the policy samples: its tokenizer must have the policy's vocabulary."""
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
@@ -608,29 +655,29 @@ def load_reward_model(path: str, device: torch.device, dtype: torch.dtype):
         sys.exit(f"error: --reward-model {path} has {model.config.num_labels} labels; a reward model has 1")
     if not isinstance(getattr(model, "score", None), torch.nn.Linear):
         sys.exit(f"error: --reward-model {path} has no `score` head on its last hidden state")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.eval().requires_grad_(False), tok
+    if tok.get_vocab() != policy_tok.get_vocab():
+        sys.exit(f"error: --reward-model {path} has another vocabulary than the policy: it reads the ids sampled")
+    return model.eval().requires_grad_(False)
 
 
-def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
-    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
-    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
-    return prompt + completion + (tok.eos_token if finished else "")
-
-
-def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
-    """The reward model's score of each text, read at its own last token: right padding, and the
-    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
-    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
+def reward_model_scores(model, ids: torch.Tensor, attn: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The reward model's score of each sequence of token ids as the policy sampled it (the prompt, rendered
+    once, and the response up to and including its stop token), never decoded and tokenized again: a policy
+    cannot spell a special token out of ordinary ones, and the reward model reads the very conversation the
+    policy answered. Read at each row's last real token (the stop token, or the last of a cut-off response),
+    with position ids from its first, whatever the padding. The head runs in float32: a bf16 score near an
+    offset of 20 would be rounded to steps of 0.125. Minus config.reward_offset, where reward_model.py stores
+    the mean score of the starting policy's samples."""
     scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
-        enc = enc.to(model.device)
-        last = enc["attention_mask"].sum(1) - 1
+    for i in range(0, len(ids), batch_size):
+        chunk_ids, chunk_attn = ids[i : i + batch_size].to(model.device), attn[i : i + batch_size].to(model.device)
+        last = chunk_attn.shape[1] - 1 - chunk_attn.flip(1).argmax(1)
+        inputs = dict(input_ids=chunk_ids, attention_mask=chunk_attn, position_ids=positions(chunk_attn))
         with autocast(model.device):
-            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
-            scores.append(model.score(hidden).squeeze(-1).float())
+            hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
+        head = model.score
+        bias = None if head.bias is None else head.bias.float()
+        scores.append(torch.nn.functional.linear(hidden.float(), head.weight.float(), bias).squeeze(-1))
     return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
 
 
@@ -682,17 +729,30 @@ def parse_args() -> Args:
         args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
         args.output_dir = args.resume
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    out = Path(args.output_dir) if args.output_dir else None
+    # A run is there once it has written a row or a save; one that stopped before either left nothing to keep.
+    held = [name for name in ("metrics.jsonl", "model", "model.old") if out and (out / name).exists()]
+    held = [name for name in held if (out / name).stat().st_size and not args.resume]
     problems = check_args(args, world) + [
         (
             args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
             "--device must be auto, cpu or cuda",
         ),
         (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+        (out is not None and out.exists() and not out.is_dir(), f"--output-dir {out} is a file, not a folder"),
+        (
+            bool(held) and not args.overwrite,
+            f"--output-dir {out} holds a run ({', '.join(held)}): continue it with --resume {out}, "
+            "write to another --output-dir, or replace it with --overwrite",
+        ),
     ]
     for bad, message in problems:
         if bad:
             sys.exit(f"error: {message}")
     return args
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "model", "model.old", "model.tmp")  # what a run writes in its folder
 
 
 def cli_error(argv: list[str]) -> str:
@@ -731,10 +791,14 @@ def start(args) -> torch.device:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
     device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
-    if cuda and world > 1:  # one GPU per process
+    if cuda and world > 1:  # one GPU per process, made the current one: object collectives put tensors there
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # The other processes wait while rank 0 evaluates and saves, which for billions of parameters can take
+        # longer than NCCL's default timeout of 10 minutes.
+        backend, device_id = ("nccl", device) if cuda else ("gloo", None)
+        dist.init_process_group(backend, device_id=device_id, timeout=datetime.timedelta(hours=2))
     torch.manual_seed(args.seed + rank)
     return device
 
@@ -764,7 +828,8 @@ class Run:
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
         if not self.args.resume:
             return {}
-        state = torch.load(self.dir / "model" / "training_state.pt", weights_only=True)
+        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device.
+        state = torch.load(self.dir / "model" / "training_state.pt", map_location="cpu", weights_only=True)
         if len(state["rng"]) != self.world:
             sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
         for key, value in self.stateful.items():
@@ -772,20 +837,30 @@ class Run:
         python_rng, torch_rng, cuda_rng = state["rng"][self.rank]
         self.rng.setstate(python_rng)
         torch.set_rng_state(torch_rng)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and cuda_rng is not None:  # else saved on a CPU: the CUDA stream starts anew
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
         return state
 
     def begin(self, policy, description: str) -> None:
         """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
-        resuming (the rows after it will be written again); print the banner. Starts the clock."""
+        resuming (the rows after it will be written again; a line a crash cut short is one of them); with
+        --overwrite, the run that was there goes. Print the banner. Starts the clock."""
         if self.rank == 0:
+            if self.args.overwrite and not self.args.resume:
+                for name in RUN_FILES:
+                    path = self.dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
-            rows = (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []
-            self.metrics = open(self.dir / "metrics.jsonl", "w")
-            self.metrics.writelines(r + "\n" for r in rows if json.loads(r)["iteration"] < self.first_iteration)
+            kept = []
+            for line in (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["iteration"] < self.first_iteration:
+                        kept.append(line + "\n")
+            (self.dir / "metrics.tmp").write_text("".join(kept))
+            (self.dir / "metrics.tmp").replace(self.dir / "metrics.jsonl")  # the old rows stay until the new are whole
+            self.metrics = open(self.dir / "metrics.jsonl", "a")
             print(
                 f"{self.name}: {self.args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
                 f"{self.world} x {self.device}\n  {description}"
@@ -793,6 +868,7 @@ class Run:
                 + f" -> {self.dir}"
             )
         self.start = self.last_print = time.time() - self.seconds
+        self.said_equal_scores = False
 
     def clock(self) -> float:
         """Wall seconds since training began, resumed runs included."""
@@ -802,6 +878,15 @@ class Run:
         """Every --eval-every episodes, before the first update (iteration 0) and after the last."""
         episodes, every = iteration * batch_size, self.args.eval_every
         return episodes // every > (episodes - batch_size) // every or iteration in (0, num_iterations)
+
+    def note_equal_scores(self, scores: torch.Tensor, iteration: int) -> None:
+        """Say once on the console when every response of a batch scored the same: such a batch teaches
+        nothing of the task (responses cut off by --max-new-tokens, or a reward that cannot read them)."""
+        low, high = -global_max(-scores.min()), global_max(scores.max())
+        if low == high and not self.said_equal_scores and self.rank == 0:
+            print(f"note: every response at iteration {iteration} scored {high.item():g}: the batch teaches nothing "
+                  "of the task (are the responses cut off, or does the reward not read them?) (said once)")  # fmt: skip
+        self.said_equal_scores |= bool(low == high)
 
     def log(self, row: dict, *shown: str) -> None:
         """Append the row to metrics.jsonl (rank 0), and print the keys `shown` of it at least every 10 s."""
@@ -859,10 +944,28 @@ def save(policy, tok, path: Path, state: dict) -> None:
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a save stopped before its last step: path is newer
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
+    write at once, and Python's own handler writes the message and its newline apart, interleaving them.
+    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    try:
+        yield
+    except (SystemExit, FloatingPointError) as e:
+        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        if not isinstance(message, str):
+            raise
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -23,6 +23,7 @@ Self-contained on purpose: copy this file (it needs nothing else from this proje
 
 import contextlib
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -62,6 +63,8 @@ class Args:
     """where metrics.jsonl, args.json and model/ go (default: runs/reinforce-<seed>-<time>)"""
     resume: str | None = None
     """continue the run saved in this folder, with its own arguments (give no other flag)"""
+    overwrite: bool = False
+    """replace the run in --output-dir, if one is there (else a run refuses to start there)"""
     device: str = "auto"
     """auto = cuda when available, else cpu"""
     # ---- Sampling ----
@@ -73,6 +76,8 @@ class Args:
     """longest response; one that has not emitted a stop token by then is cut off and scores 0"""
     temperature: float = 1.0
     """sampling temperature, used identically when computing log-probs"""
+    chat: bool = False
+    """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
     # ---- REINFORCE ----
     baseline: Literal["none", "mean", "leave-one-out"] = "leave-one-out"
     """b in (R − b): none; mean = running mean of past rewards; leave-one-out = mean of the other K − 1"""
@@ -142,7 +147,8 @@ def rollout(policy, tok, prompts: list[str], args: Args, ref_policy) -> tuple[di
     policy, its KL Σ_t log(π_θ/π_ref)(a_t | s_t) (else 0). Returns the batch, a dict of tensors with a row
     per response, and the prompt width."""
     size, temperature = args.inference_batch_size, args.temperature
-    ids, attn, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, temperature, size)
+    model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
+    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, temperature, size)
     texts = decode(tok, ids[:, n_prompt:], mask, finished)
     scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
     chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
@@ -181,7 +187,7 @@ def main() -> None:
     args = parse_args()
     device = start(args)  # the process group under torchrun, this process's device, its seed
     run = Run(args, "reinforce", device)  # the output folder and the prompts' generator; on --resume, the last save
-    policy, tok = load_policy(run.last_save or args.model, device)  # π_θ
+    policy, tok = load_policy(run.last_save or args.model, device, chat=args.chat)  # π_θ
     ref_policy = None
     if args.kl_coef > 0:  # π_ref, frozen: in bf16 on a GPU, where autocast computes in bf16 anyway
         frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -204,6 +210,7 @@ def main() -> None:
             # 1. Collect: K responses to each of P prompts, their scores, and their KL to π_ref.
             prompts = [p for p in train_prompts(run.rng, local_prompts) for _ in range(args.samples_per_prompt)]
             batch, n_prompt = rollout(policy, tok, prompts, args, ref_policy)
+            run.note_equal_scores(batch["scores"], iteration)
 
             # 2. Advantages: R = score − β·Σ_t log(π_θ/π_ref), so the KL penalty is scaled like the score;
             #    A = R − b, with b blind to the response it scales.
@@ -259,40 +266,53 @@ def batch_stats(batch: dict, rewards: torch.Tensor, baseline: torch.Tensor, batc
 # ==== Below: the machinery a reader may skip. ============================================================
 # The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
 # same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
-# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
-# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
-def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
-    (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
-    (the tokenizer's EOS and those of the generation config) ends up in generation_config.eos_token_id.
-    Tokenizers without a pad token reuse EOS for padding: padding is tracked by masks, never by id."""
+def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
+    """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
+    Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the
+    same policy that sampled. Every stop token (the tokenizer's EOS and those of the generation config) ends up
+    in generation_config.eos_token_id. Tokenizers without a pad token reuse EOS for padding: padding is tracked
+    by masks, never by id. With `chat`, prompts will be conversations: the tokenizer needs a chat template.
+    Ids at or past model.token_id_limit are not the tokenizer's (rows that pad the
+    embedding table: Qwen2.5 has 151,936 and 151,665 tokens): they decode to nothing, so they are never sampled."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # loading notes (a BERT's advice to set is_decoder) would break the one error line
     try:
         config = AutoConfig.from_pretrained(name)
         tok = AutoTokenizer.from_pretrained(name)
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load {name}: {str(e).splitlines()[0]}")
-    for key, value in config.to_dict().items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(config, key, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):  # one a config does not name
             module.p = 0.0
+    if model.base_model is model:  # Llama4ForCausalLM, MllamaForCausalLM: the body is not base_model
+        sys.exit(f"error: {name}: {type(model).__name__} has no base_model to read the hidden states from")
+    model.token_id_limit = min(max(tok.get_vocab().values()) + 1, model.get_output_embeddings().weight.shape[0])
+    # Log-probs come from the LM head applied to the last hidden state (see response_logprobs): a model that
+    # changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones. And a
+    # causal LM's first position does not see the second (a BERT's does). Both probed on the same input.
+    with torch.no_grad(), autocast(device):
+        probe = torch.tensor([[1, 1], [1, 2]], device=device) % model.token_id_limit
+        direct = model(input_ids=probe).logits.float()
+        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state).float()
+    if not torch.allclose(direct[0, 0], direct[1, 0], rtol=1e-5, atol=1e-5 * direct[:, 0].abs().max().item()):
+        sys.exit(f"error: {name} is not a causal language model: its first position sees the tokens after it")
+    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
+        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     eos = model.generation_config.eos_token_id
     stops = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     if not stops:
         sys.exit(f"error: {name} has no EOS token: a response could never end")
+    if chat and tok.chat_template is None:
+        sys.exit(f"error: --chat: the tokenizer of {name} has no chat template")
     model.generation_config.eos_token_id = stops
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    # Log-probs are computed from the LM head applied to the last hidden state (see forward); a model
-    # that changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones.
-    with torch.no_grad():
-        probe = torch.tensor([stops[:1] * 2], device=device)
-        direct = model(input_ids=probe).logits[0, -1].float()
-        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state[0, -1]).float()
-    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
-        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     return model, tok
 
 
@@ -327,29 +347,36 @@ def sample_token(logits: torch.Tensor, temperature: float, generator=None, block
     mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
     columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
     within = torch.where(columns < vocab, p.gather(1, columns.clamp(max=vocab - 1)), 0.0)
-    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1)
+    # A row of NaN or all −inf has no distribution; its id stays in range (sample reports the row).
+    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1).clamp(max=vocab - 1)
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
+def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
            generator=None):  # fmt: skip
-    """Left-padded sampling with a KV cache, batch_size prompts at a time. Returns the token ids
-    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the
-    response mask [B, T] (1 on every generated token up to and including the first stop token, 0
-    after it) and whether each response ended on a stop token [B] (False: it was cut off). The stop
-    tokens are generation_config.eos_token_id, where load_policy put the tokenizer's EOS too."""
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    prompt_ids, prompt_attn = enc["input_ids"], enc["attention_mask"]
+    """Left-padded sampling with a KV cache, batch_size prompts at a time. A prompt is text, or a conversation
+    (a list of {"role", "content"} messages) for the chat template (see prompt_ids). Returns the token ids
+    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the response
+    mask [B, T] (1 on every generated token up to and including the first stop token, 0 after it) and whether
+    each response ended on a stop token [B] (False: it was cut off). The stop tokens are
+    generation_config.eos_token_id, where load_policy put the tokenizer's EOS too. Logits that are NaN or inf
+    for a response still being written raise FloatingPointError: there is no distribution to sample."""
+    encoded = [prompt_ids(tok, prompt) for prompt in prompts]
+    width = max(map(len, encoded))
+    prompt_ids_ = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], device=model.device)
+    prompt_attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
     stops = torch.tensor(model.generation_config.eos_token_id, device=model.device)
+    broken = torch.zeros((), dtype=torch.bool, device=model.device)
     responses = []
-    for ids, attn in zip(prompt_ids.split(batch_size), prompt_attn.split(batch_size)):
+    for ids, attn in zip(prompt_ids_.split(batch_size), prompt_attn.split(batch_size)):
         pos, cache, tokens = positions(attn), None, []
         alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             step = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
             with autocast(ids.device):
                 out = model(**step, logits_to_keep=1)
-            cache, logits = out.cache, out.logits[:, -1].float()
+            cache, logits = out.cache, out.logits[:, -1, : model.token_id_limit].float()  # ids that are tokens
+            broken |= (alive & ~logits.amax(-1).isfinite()).any()  # NaN, +inf, or no token possible (all −inf)
             next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
             tokens.append(torch.where(alive, next_token, tok.pad_token_id))
             attn = torch.cat([attn, alive.long()[:, None]], 1)
@@ -358,14 +385,31 @@ def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: flo
                 break
             ids, pos = next_token[:, None], pos[:, -1:] + 1
         responses.append(torch.stack(tokens, 1))
+    if broken:
+        raise FloatingPointError("the policy's logits are NaN or inf")
     width = max(r.shape[1] for r in responses)
     response = torch.cat(
         [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses]
     )
     stopped = torch.isin(response, stops)
     mask = stopped.cumsum(1) - stopped.long() == 0  # no stop token before t
-    ids, attn = torch.cat([prompt_ids, response], 1), torch.cat([prompt_attn, mask.long()], 1)
-    return ids, attn, prompt_ids.shape[1], mask, stopped.any(1)
+    ids, attn = torch.cat([prompt_ids_, response], 1), torch.cat([prompt_attn, mask.long()], 1)
+    return ids, attn, prompt_ids_.shape[1], mask, stopped.any(1)
+
+
+def prompt_ids(tok, prompt) -> list[int]:
+    """A prompt's token ids. A conversation is rendered by the tokenizer's chat template with the generation
+    prompt and tokenized in the same call; text is tokenized as the tokenizer does, its special tokens (a BOS)
+    included, unless the text begins with the BOS already, as a template rendered to text does: never two."""
+    if not isinstance(prompt, str):
+        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    starts_with_bos = tok.bos_token is not None and prompt.startswith(tok.bos_token)
+    return tok(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+
+
+def conversations(prompts: list, chat: bool) -> list:
+    """With --chat, each text prompt as the user's message of a conversation, for the chat template."""
+    return [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p for p in prompts]
 
 
 def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> list[str]:
@@ -378,29 +422,30 @@ def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finishe
 LOGITS_PER_CHUNK = 2**25  # 128 MiB in float32: the most of the LM head's output that exists at once
 
 
-def logprob_chunk(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
-    z = lm_head(hidden)
+def logprob_chunk(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
+    z = lm_head(hidden)[:, :token_id_limit]  # only the tokenizer's ids have probability, as when sampling
     z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
     log_normaliser = z.logsumexp(-1)
     logp = z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser  # log π(a|s) = z_a/T − logsumexp(z/T)
     if not entropy:
         return logp, torch.empty(0)
-    with torch.no_grad():  # the entropy is only logged
+    with torch.no_grad():  # the entropy is only logged; a −inf logit has probability 0 and adds 0, not 0·(−inf)
+        z = z.clamp(min=torch.finfo(z.dtype).min)
         return logp, log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
 
 
-def response_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool):
+def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
     """log π(a | s) of each token a [N] after each hidden state h(s) [N, H] and, if asked, the entropy of
-    π(· | s) [N], without gradient (else None). Rows go through the LM head in chunks, so no [N, V] tensor
-    exists at once; with gradients each chunk is recomputed in the backward pass (checkpointed), so none
-    is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per token. The entropy is
-    elementwise work over [N, V] (with a large vocabulary on a CPU, a third of a forward and backward):
-    ask for it where it is logged."""
+    π(· | s) [N], without gradient (else None), over the ids below token_id_limit. Rows go through the LM head
+    in chunks, so no [N, V] tensor exists at once; with gradients each chunk is recomputed in the backward
+    pass (checkpointed), so none is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per
+    token. The entropy is elementwise work over [N, V] (with a large vocabulary on a CPU, a third of a forward
+    and backward): ask for it where it is logged."""
     rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     chunks = [
-        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, use_reentrant=False)
+        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, token_id_limit, use_reentrant=False)
         if torch.is_grad_enabled()
-        else logprob_chunk(lm_head, h, a, temperature, entropy)
+        else logprob_chunk(lm_head, h, a, temperature, entropy, token_id_limit)
         for h, a in zip(hidden.split(rows), tokens.split(rows))
     ]
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
@@ -415,8 +460,8 @@ def evaluate(policy, tok, args) -> dict:
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
         gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
         size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, args.temperature, size,
-                                                  greedy, gen)  # fmt: skip
+        ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
+                                                  args.temperature, size, greedy, gen)  # fmt: skip
         texts = decode(tok, ids[:, n_prompt:], mask, finished)
         scores = list(map(reward, prompts, texts, finished.tolist()))
         result[key] = sum(scores) / len(prompts)
@@ -433,6 +478,12 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
+    return x
+
+
+def global_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, dist.ReduceOp.MAX)
     return x
 
 
@@ -459,7 +510,8 @@ def token_logprobs(policy, ids, attn, n_prompt: int, temperature: float, entropy
         out = policy.base_model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
         hidden = out.last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
         lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:]
-        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy)
+        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy,
+                                          policy.token_id_limit)  # fmt: skip
     unpack = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
     return unpack(logp), unpack(entropy)
 
@@ -517,17 +569,30 @@ def parse_args() -> Args:
         args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
         args.output_dir = args.resume
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    out = Path(args.output_dir) if args.output_dir else None
+    # A run is there once it has written a row or a save; one that stopped before either left nothing to keep.
+    held = [name for name in ("metrics.jsonl", "model", "model.old") if out and (out / name).exists()]
+    held = [name for name in held if (out / name).stat().st_size and not args.resume]
     problems = check_args(args, world) + [
         (
             args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
             "--device must be auto, cpu or cuda",
         ),
         (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+        (out is not None and out.exists() and not out.is_dir(), f"--output-dir {out} is a file, not a folder"),
+        (
+            bool(held) and not args.overwrite,
+            f"--output-dir {out} holds a run ({', '.join(held)}): continue it with --resume {out}, "
+            "write to another --output-dir, or replace it with --overwrite",
+        ),
     ]
     for bad, message in problems:
         if bad:
             sys.exit(f"error: {message}")
     return args
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "model", "model.old", "model.tmp")  # what a run writes in its folder
 
 
 def cli_error(argv: list[str]) -> str:
@@ -566,10 +631,14 @@ def start(args) -> torch.device:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
     device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
-    if cuda and world > 1:  # one GPU per process
+    if cuda and world > 1:  # one GPU per process, made the current one: object collectives put tensors there
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # The other processes wait while rank 0 evaluates and saves, which for billions of parameters can take
+        # longer than NCCL's default timeout of 10 minutes.
+        backend, device_id = ("nccl", device) if cuda else ("gloo", None)
+        dist.init_process_group(backend, device_id=device_id, timeout=datetime.timedelta(hours=2))
     torch.manual_seed(args.seed + rank)
     return device
 
@@ -599,7 +668,8 @@ class Run:
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
         if not self.args.resume:
             return {}
-        state = torch.load(self.dir / "model" / "training_state.pt", weights_only=True)
+        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device.
+        state = torch.load(self.dir / "model" / "training_state.pt", map_location="cpu", weights_only=True)
         if len(state["rng"]) != self.world:
             sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
         for key, value in self.stateful.items():
@@ -607,20 +677,30 @@ class Run:
         python_rng, torch_rng, cuda_rng = state["rng"][self.rank]
         self.rng.setstate(python_rng)
         torch.set_rng_state(torch_rng)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and cuda_rng is not None:  # else saved on a CPU: the CUDA stream starts anew
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
         return state
 
     def begin(self, policy, description: str) -> None:
         """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
-        resuming (the rows after it will be written again); print the banner. Starts the clock."""
+        resuming (the rows after it will be written again; a line a crash cut short is one of them); with
+        --overwrite, the run that was there goes. Print the banner. Starts the clock."""
         if self.rank == 0:
+            if self.args.overwrite and not self.args.resume:
+                for name in RUN_FILES:
+                    path = self.dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
-            rows = (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []
-            self.metrics = open(self.dir / "metrics.jsonl", "w")
-            self.metrics.writelines(r + "\n" for r in rows if json.loads(r)["iteration"] < self.first_iteration)
+            kept = []
+            for line in (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["iteration"] < self.first_iteration:
+                        kept.append(line + "\n")
+            (self.dir / "metrics.tmp").write_text("".join(kept))
+            (self.dir / "metrics.tmp").replace(self.dir / "metrics.jsonl")  # the old rows stay until the new are whole
+            self.metrics = open(self.dir / "metrics.jsonl", "a")
             print(
                 f"{self.name}: {self.args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
                 f"{self.world} x {self.device}\n  {description}"
@@ -628,6 +708,7 @@ class Run:
                 + f" -> {self.dir}"
             )
         self.start = self.last_print = time.time() - self.seconds
+        self.said_equal_scores = False
 
     def clock(self) -> float:
         """Wall seconds since training began, resumed runs included."""
@@ -637,6 +718,15 @@ class Run:
         """Every --eval-every episodes, before the first update (iteration 0) and after the last."""
         episodes, every = iteration * batch_size, self.args.eval_every
         return episodes // every > (episodes - batch_size) // every or iteration in (0, num_iterations)
+
+    def note_equal_scores(self, scores: torch.Tensor, iteration: int) -> None:
+        """Say once on the console when every response of a batch scored the same: such a batch teaches
+        nothing of the task (responses cut off by --max-new-tokens, or a reward that cannot read them)."""
+        low, high = -global_max(-scores.min()), global_max(scores.max())
+        if low == high and not self.said_equal_scores and self.rank == 0:
+            print(f"note: every response at iteration {iteration} scored {high.item():g}: the batch teaches nothing "
+                  "of the task (are the responses cut off, or does the reward not read them?) (said once)")  # fmt: skip
+        self.said_equal_scores |= bool(low == high)
 
     def log(self, row: dict, *shown: str) -> None:
         """Append the row to metrics.jsonl (rank 0), and print the keys `shown` of it at least every 10 s."""
@@ -694,10 +784,28 @@ def save(policy, tok, path: Path, state: dict) -> None:
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a save stopped before its last step: path is newer
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
+    write at once, and Python's own handler writes the message and its newline apart, interleaving them.
+    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    try:
+        yield
+    except (SystemExit, FloatingPointError) as e:
+        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        if not isinstance(message, str):
+            raise
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -10,8 +10,9 @@ flips each training label with probability p, a labeller who errs at that rate; 
 keep clean labels, so their pairwise accuracy measures agreement with the gold preference.
 
 The model. A sequence classifier with one output, initialised from the policy's backbone (a new linear `score`
-head on its last hidden state), read at the last token of exactly the text ppo.py gives it: reward_model_text
-and reward_model_scores are ppo.py's, copied. It is trained on the Bradley-Terry likelihood
+head on its last hidden state), in float32, reading the token ids the policy sampled (the prompt as rendered,
+with --chat the conversation, and the response up to and including its stop token) at the last of them, as
+ppo.py reads it: reward_model_scores is ppo.py's, copied. It is trained on the Bradley-Terry likelihood
 P(y_w ≻ y_l) = σ(r(x, y_w) − r(x, y_l)) of each pair, minimising −log σ(r_w − r_l).
 
 The offset and the scale. Only differences of scores are trained, so their level is arbitrary, and their
@@ -27,6 +28,10 @@ same thing for every reward model.
     python reward_model.py                                   # the embedded policy, a minute or two on a CPU
     python ppo.py --reward-model runs/reward_model-1-...     # PPO on the learned reward
     python reward_model.py --help
+
+The file, in reading order: Args; the task (the block to replace, the same as in the RL scripts); the reward
+model's pieces (preference, flip_labels, bradley_terry_loss, pairwise, calibrate); main(); then, below the
+banners, the language-model machinery (copied from ppo.py) and the plumbing.
 """
 
 import contextlib
@@ -40,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Literal, NamedTuple, get_args, get_origin
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +74,8 @@ class Args:
     """longest response; one that has not emitted a stop token by then is cut off"""
     temperature: float = 1.0
     """sampling temperature of the starting policy for the preference pairs"""
+    chat: bool = False
+    """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
     learning_rate: float = 1e-4
     """Adam learning rate at the first step; it decays linearly to 0"""
     epochs: int = 20
@@ -85,6 +92,8 @@ class Args:
     """their sampling temperature: the --temperature PPO will sample at (ppo.py's default is 0.5)"""
     output_dir: str | None = None
     """where the reward model, tokenizer, args.json and metrics.json go (default: runs/reward_model-<seed>-<time>)"""
+    overwrite: bool = False
+    """replace the reward model in --output-dir, if one is there (else the run refuses to start)"""
     device: str = "auto"
     """auto = cuda when available, else cpu"""
 
@@ -118,10 +127,24 @@ def eval_prompts() -> list[str]:
 
 
 # ==== The reward model: preferences, the Bradley-Terry loss, and the shift. ====
-def preference(first: tuple, second: tuple) -> tuple | None:
-    """The gold preference between two responses to one prompt, each (prompt, completion, finished):
-    (chosen, rejected), the right one chosen; None when both are right or both wrong (such a pair is skipped)."""
-    r_first, r_second = reward(*first), reward(*second)
+class Response(NamedTuple):
+    """A sampled response: what `reward` judges (the task's prompt, the completion as sampled, whether it ended on
+    a stop token) and what the reward model reads (ids: the prompt's and the response's token ids as sampled)."""
+
+    prompt: str
+    completion: str
+    finished: bool
+    ids: torch.Tensor
+
+    def gold(self) -> float:
+        """The task's own judgement of the response."""
+        return reward(self.prompt, self.completion, self.finished)
+
+
+def preference(first: Response, second: Response) -> tuple | None:
+    """The gold preference between two responses to one prompt: (chosen, rejected), the right one chosen;
+    None when both are right or both wrong (such a pair is skipped)."""
+    r_first, r_second = first.gold(), second.gold()
     if r_first == r_second:
         return None
     return (first, second) if r_first > r_second else (second, first)
@@ -137,22 +160,21 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen - rejected)
 
 
-# ---- Training the reward model, and shifting it ----
 @torch.no_grad()
-def pairwise(model, tok, chosen: list[str], rejected: list[str], batch_size: int) -> tuple[float, float]:
+def pairwise(model, chosen: list[torch.Tensor], rejected: list[torch.Tensor], batch_size: int) -> tuple[float, float]:
     """Pairwise accuracy (the share of pairs with r_chosen > r_rejected; a tie counts as wrong) and mean loss."""
-    r_chosen, r_rejected = (reward_model_scores(model, tok, texts, batch_size) for texts in (chosen, rejected))
+    r_chosen, r_rejected = (reward_model_scores(model, *padded(seqs), batch_size) for seqs in (chosen, rejected))
     return (r_chosen > r_rejected).double().mean().item(), bradley_terry_loss(r_chosen, r_rejected).mean().item()
 
 
 @torch.no_grad()
-def calibrate(model, tok, texts: list[str], batch_size: int) -> tuple[float, float]:
-    """Divide the score head by the standard deviation of the texts' raw scores and store their (divided)
+def calibrate(model, samples: list[torch.Tensor], batch_size: int) -> tuple[float, float]:
+    """Divide the score head by the standard deviation of the samples' raw scores and store their (divided)
     mean in config.reward_offset, so that reward_model_scores gives them mean 0 and standard deviation 1.
     A positive scale keeps every preference. Returns the offset and the scale."""
     model.config.reward_offset = 0.0  # measure raw scores, whatever offset the model came with
-    raw = reward_model_scores(model, tok, texts, batch_size).double()
-    scale = raw.std(correction=0).item() or 1.0  # one text, or all alike: nothing to scale
+    raw = reward_model_scores(model, *padded(samples), batch_size).double()
+    scale = raw.std(correction=0).item() or 1.0  # one sample, or all alike: nothing to scale
     for p in model.score.parameters():
         p.div_(scale)
     model.config.reward_offset = raw.mean().item() / scale
@@ -167,7 +189,7 @@ def main() -> None:
     out_dir = Path(args.output_dir)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)  # prompts and label noise
-    policy, tok = load_policy(args.model, device)
+    policy, tok = load_policy(args.model, device, chat=args.chat)
     model = new_reward_model(args.model, tok, device)
     n_train = args.num_pairs - args.eval_pairs
     steps_per_epoch = math.ceil(n_train / args.batch_size)
@@ -197,13 +219,12 @@ def main() -> None:
             print(f"sampling  {len(pairs)} of {args.num_pairs} pairs from {sampled} sampled  {last_print - start:.0f}s")
     held_out, train = pairs[: args.eval_pairs], pairs[args.eval_pairs :]  # i.i.d. pairs: a random split
     train = flip_labels(train, args.label_noise, rng)
-    flipped = sum(reward(*chosen) < reward(*rejected) for chosen, rejected in train)
-    text = lambda response: reward_model_text(*response, tok)
-    held_out_chosen, held_out_rejected = ([text(pair[k]) for pair in held_out] for k in (0, 1))
-    chosen, rejected = ([text(pair[k]) for pair in train] for k in (0, 1))
+    flipped = sum(chosen.gold() < rejected.gold() for chosen, rejected in train)
+    held_out_chosen, held_out_rejected = ([pair[k].ids for pair in held_out] for k in (0, 1))
+    chosen, rejected = ([pair[k].ids for pair in train] for k in (0, 1))
 
     # 2. Bradley-Terry: minimise −log σ(r_chosen − r_rejected), through the lines ppo.py scores with.
-    before = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
+    before = pairwise(model, held_out_chosen, held_out_rejected, args.inference_batch_size)
     print(f"held-out accuracy {before[0]:.3f}  loss {before[1]:.3f}  before training  {time.time() - start:.0f}s")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     total_steps, step = args.epochs * steps_per_epoch, 0
@@ -216,8 +237,8 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for mb in idx.split(args.micro_batch_size):
-                texts = [chosen[i] for i in mb] + [rejected[i] for i in mb]
-                r_chosen, r_rejected = reward_model_scores(model, tok, texts, len(texts)).split(len(mb))
+                ids, attn = padded([chosen[i] for i in mb] + [rejected[i] for i in mb])
+                r_chosen, r_rejected = reward_model_scores(model, ids, attn, len(ids)).split(len(mb))
                 loss = bradley_terry_loss(r_chosen, r_rejected).sum()
                 (loss / len(idx)).backward()  # the minibatch's mean, whatever the micro-batches
                 loss_sum += loss.item()
@@ -229,7 +250,7 @@ def main() -> None:
             if time.time() - last_print >= 10:
                 last_print = time.time()
                 print(f"epoch {epoch}  step {step:5d}/{total_steps}  loss {losses[-1]:.3f}  {last_print - start:.0f}s")
-        accuracy, held_out_loss = pairwise(model, tok, held_out_chosen, held_out_rejected, args.inference_batch_size)
+        accuracy, held_out_loss = pairwise(model, held_out_chosen, held_out_rejected, args.inference_batch_size)
         train_loss = sum(losses) / len(losses)
         print(f"epoch {epoch}  train loss {train_loss:.3f}  held-out accuracy {accuracy:.3f}  loss {held_out_loss:.3f}"
               f"  {time.time() - start:.0f}s")  # fmt: skip
@@ -237,7 +258,7 @@ def main() -> None:
     # 3. Shift: the starting policy's fresh samples score 0 on average (see the module docstring).
     prompts = train_prompts(rng, args.calibration_samples)
     samples = responses(policy, tok, prompts, args.calibration_temperature, args)
-    offset, scale = calibrate(model, tok, [text(r) for r in samples], args.inference_batch_size)
+    offset, scale = calibrate(model, [r.ids for r in samples], args.inference_batch_size)
     metrics = {
         "held_out_accuracy_before": before[0],
         "held_out_accuracy": accuracy,
@@ -263,42 +284,55 @@ def main() -> None:
 
 
 # ==== Below: the machinery a reader may skip. ============================================================
-# The language model: loading and sampling, the same code in reinforce.py, actor_critic.py and ppo.py
-# (tests/test_task.py checks it); reading the reward model, the same code in ppo.py.
 # The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
 # same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
-def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Any causal LM and its tokenizer. Dropout is switched off in the config, so training mode
-    (which gradient checkpointing needs) computes the same policy that sampled. Every stop token
-    (the tokenizer's EOS and those of the generation config) ends up in generation_config.eos_token_id.
-    Tokenizers without a pad token reuse EOS for padding: padding is tracked by masks, never by id."""
+def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
+    """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
+    Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the
+    same policy that sampled. Every stop token (the tokenizer's EOS and those of the generation config) ends up
+    in generation_config.eos_token_id. Tokenizers without a pad token reuse EOS for padding: padding is tracked
+    by masks, never by id. With `chat`, prompts will be conversations: the tokenizer needs a chat template.
+    Ids at or past model.token_id_limit are not the tokenizer's (rows that pad the
+    embedding table: Qwen2.5 has 151,936 and 151,665 tokens): they decode to nothing, so they are never sampled."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # loading notes (a BERT's advice to set is_decoder) would break the one error line
     try:
         config = AutoConfig.from_pretrained(name)
         tok = AutoTokenizer.from_pretrained(name)
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load {name}: {str(e).splitlines()[0]}")
-    for key, value in config.to_dict().items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(config, key, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):  # one a config does not name
             module.p = 0.0
+    if model.base_model is model:  # Llama4ForCausalLM, MllamaForCausalLM: the body is not base_model
+        sys.exit(f"error: {name}: {type(model).__name__} has no base_model to read the hidden states from")
+    model.token_id_limit = min(max(tok.get_vocab().values()) + 1, model.get_output_embeddings().weight.shape[0])
+    # Log-probs come from the LM head applied to the last hidden state (see response_logprobs): a model that
+    # changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones. And a
+    # causal LM's first position does not see the second (a BERT's does). Both probed on the same input.
+    with torch.no_grad(), autocast(device):
+        probe = torch.tensor([[1, 1], [1, 2]], device=device) % model.token_id_limit
+        direct = model(input_ids=probe).logits.float()
+        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state).float()
+    if not torch.allclose(direct[0, 0], direct[1, 0], rtol=1e-5, atol=1e-5 * direct[:, 0].abs().max().item()):
+        sys.exit(f"error: {name} is not a causal language model: its first position sees the tokens after it")
+    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
+        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     eos = model.generation_config.eos_token_id
     stops = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
     if not stops:
         sys.exit(f"error: {name} has no EOS token: a response could never end")
+    if chat and tok.chat_template is None:
+        sys.exit(f"error: --chat: the tokenizer of {name} has no chat template")
     model.generation_config.eos_token_id = stops
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    # Log-probs are computed from the LM head applied to the last hidden state (see forward); a model
-    # that changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones.
-    with torch.no_grad():
-        probe = torch.tensor([stops[:1] * 2], device=device)
-        direct = model(input_ids=probe).logits[0, -1].float()
-        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state[0, -1]).float()
-    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
-        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
     return model, tok
 
 
@@ -333,29 +367,36 @@ def sample_token(logits: torch.Tensor, temperature: float, generator=None, block
     mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
     columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
     within = torch.where(columns < vocab, p.gather(1, columns.clamp(max=vocab - 1)), 0.0)
-    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1)
+    # A row of NaN or all −inf has no distribution; its id stays in range (sample reports the row).
+    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1).clamp(max=vocab - 1)
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
+def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
            generator=None):  # fmt: skip
-    """Left-padded sampling with a KV cache, batch_size prompts at a time. Returns the token ids
-    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the
-    response mask [B, T] (1 on every generated token up to and including the first stop token, 0
-    after it) and whether each response ended on a stop token [B] (False: it was cut off). The stop
-    tokens are generation_config.eos_token_id, where load_policy put the tokenizer's EOS too."""
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-    prompt_ids, prompt_attn = enc["input_ids"], enc["attention_mask"]
+    """Left-padded sampling with a KV cache, batch_size prompts at a time. A prompt is text, or a conversation
+    (a list of {"role", "content"} messages) for the chat template (see prompt_ids). Returns the token ids
+    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the response
+    mask [B, T] (1 on every generated token up to and including the first stop token, 0 after it) and whether
+    each response ended on a stop token [B] (False: it was cut off). The stop tokens are
+    generation_config.eos_token_id, where load_policy put the tokenizer's EOS too. Logits that are NaN or inf
+    for a response still being written raise FloatingPointError: there is no distribution to sample."""
+    encoded = [prompt_ids(tok, prompt) for prompt in prompts]
+    width = max(map(len, encoded))
+    prompt_ids_ = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], device=model.device)
+    prompt_attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
     stops = torch.tensor(model.generation_config.eos_token_id, device=model.device)
+    broken = torch.zeros((), dtype=torch.bool, device=model.device)
     responses = []
-    for ids, attn in zip(prompt_ids.split(batch_size), prompt_attn.split(batch_size)):
+    for ids, attn in zip(prompt_ids_.split(batch_size), prompt_attn.split(batch_size)):
         pos, cache, tokens = positions(attn), None, []
         alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             step = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
             with autocast(ids.device):
                 out = model(**step, logits_to_keep=1)
-            cache, logits = out.cache, out.logits[:, -1].float()
+            cache, logits = out.cache, out.logits[:, -1, : model.token_id_limit].float()  # ids that are tokens
+            broken |= (alive & ~logits.amax(-1).isfinite()).any()  # NaN, +inf, or no token possible (all −inf)
             next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
             tokens.append(torch.where(alive, next_token, tok.pad_token_id))
             attn = torch.cat([attn, alive.long()[:, None]], 1)
@@ -364,14 +405,31 @@ def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: flo
                 break
             ids, pos = next_token[:, None], pos[:, -1:] + 1
         responses.append(torch.stack(tokens, 1))
+    if broken:
+        raise FloatingPointError("the policy's logits are NaN or inf")
     width = max(r.shape[1] for r in responses)
     response = torch.cat(
         [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses]
     )
     stopped = torch.isin(response, stops)
     mask = stopped.cumsum(1) - stopped.long() == 0  # no stop token before t
-    ids, attn = torch.cat([prompt_ids, response], 1), torch.cat([prompt_attn, mask.long()], 1)
-    return ids, attn, prompt_ids.shape[1], mask, stopped.any(1)
+    ids, attn = torch.cat([prompt_ids_, response], 1), torch.cat([prompt_attn, mask.long()], 1)
+    return ids, attn, prompt_ids_.shape[1], mask, stopped.any(1)
+
+
+def prompt_ids(tok, prompt) -> list[int]:
+    """A prompt's token ids. A conversation is rendered by the tokenizer's chat template with the generation
+    prompt and tokenized in the same call; text is tokenized as the tokenizer does, its special tokens (a BOS)
+    included, unless the text begins with the BOS already, as a template rendered to text does: never two."""
+    if not isinstance(prompt, str):
+        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    starts_with_bos = tok.bos_token is not None and prompt.startswith(tok.bos_token)
+    return tok(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+
+
+def conversations(prompts: list, chat: bool) -> list:
+    """With --chat, each text prompt as the user's message of a conversation, for the chat template."""
+    return [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p for p in prompts]
 
 
 def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> list[str]:
@@ -381,11 +439,21 @@ def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finishe
     return [tok.decode(row[:n], skip_special_tokens=False) for row, n in zip(response_ids.tolist(), lengths)]
 
 
-def responses(policy, tok, prompts: list[str], temperature: float, args: Args) -> list[tuple[str, str, bool]]:
-    """A sampled response to each prompt, as (prompt, completion, finished): what `reward` judges."""
-    ids, _, n_prompt, mask, finished = sample(policy, tok, prompts, args.max_new_tokens, temperature,
-                                              args.inference_batch_size)  # fmt: skip
-    return list(zip(prompts, decode(tok, ids[:, n_prompt:], mask, finished), finished.tolist()))
+def responses(policy, tok, prompts: list[str], temperature: float, args: Args) -> list[Response]:
+    """A sampled response to each prompt: what `reward` judges and what the reward model reads."""
+    model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
+    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, temperature,
+                                                 args.inference_batch_size)  # fmt: skip
+    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    sequences = [row[keep] for row, keep in zip(ids.cpu(), attn.cpu().bool())]  # the real tokens, no padding
+    return [Response(*response) for response in zip(prompts, texts, finished.tolist(), sequences)]
+
+
+def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences of different lengths as one right-padded batch: ids and attention mask."""
+    ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+    lengths = torch.tensor([len(seq) for seq in sequences])
+    return ids, (torch.arange(ids.shape[1]) < lengths[:, None]).long()
 
 
 def new_reward_model(name: str, tok, device: torch.device):
@@ -395,7 +463,9 @@ def new_reward_model(name: str, tok, device: torch.device):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report would list the new head as missing, as it is meant to be
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device).eval()
+        # float32 whatever the checkpoint's dtype (Qwen2.5 and Llama 3 are saved in bf16): Adam trains it.
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch.float32)
+        model = model.to(device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot load {name} as a sequence classifier: {str(e).splitlines()[0]}")
     finally:
@@ -406,24 +476,24 @@ def new_reward_model(name: str, tok, device: torch.device):
     return model
 
 
-def reward_model_text(prompt: str, completion: str, finished: bool, tok) -> str:
-    """What the reward model reads: prompt, completion as sampled, and its tokenizer's EOS if the
-    response ended on a stop token (so a cut-off answer reads differently). reward_model.py trains on this."""
-    return prompt + completion + (tok.eos_token if finished else "")
-
-
-def reward_model_scores(model, tok, texts: list[str], batch_size: int) -> torch.Tensor:
-    """The reward model's score of each text, read at its own last token: right padding, and the
-    position from the attention mask, not from the pad id (which is EOS for some tokenizers). Minus
-    config.reward_offset, where reward_model.py stores the mean score of the starting policy's samples."""
+def reward_model_scores(model, ids: torch.Tensor, attn: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The reward model's score of each sequence of token ids as the policy sampled it (the prompt, rendered
+    once, and the response up to and including its stop token), never decoded and tokenized again: a policy
+    cannot spell a special token out of ordinary ones, and the reward model reads the very conversation the
+    policy answered. Read at each row's last real token (the stop token, or the last of a cut-off response),
+    with position ids from its first, whatever the padding. The head runs in float32: a bf16 score near an
+    offset of 20 would be rounded to steps of 0.125. Minus config.reward_offset, where reward_model.py stores
+    the mean score of the starting policy's samples."""
     scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
-        enc = enc.to(model.device)
-        last = enc["attention_mask"].sum(1) - 1
+    for i in range(0, len(ids), batch_size):
+        chunk_ids, chunk_attn = ids[i : i + batch_size].to(model.device), attn[i : i + batch_size].to(model.device)
+        last = chunk_attn.shape[1] - 1 - chunk_attn.flip(1).argmax(1)
+        inputs = dict(input_ids=chunk_ids, attention_mask=chunk_attn, position_ids=positions(chunk_attn))
         with autocast(model.device):
-            hidden = model.base_model(**enc, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
-            scores.append(model.score(hidden).squeeze(-1).float())
+            hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[torch.arange(len(last)), last]
+        head = model.score
+        bias = None if head.bias is None else head.bias.float()
+        scores.append(torch.nn.functional.linear(hidden.float(), head.weight.float(), bias).squeeze(-1))
     return torch.cat(scores) - getattr(model.config, "reward_offset", 0.0)
 
 
@@ -452,10 +522,16 @@ def parse_args() -> Args:
             f"--num-pairs {args.num_pairs} leaves no pair to train on after --eval-pairs {args.eval_pairs}",
         ),
         (not 0 <= args.label_noise <= 0.5, "--label-noise must be in [0, 0.5]: beyond 0.5 it reverses the preference"),
-        # The save replaces the whole folder: never one that holds anything but an earlier reward model.
+        (out.exists() and not out.is_dir(), f"--output-dir {out} is a file, not a folder"),
+        # The save replaces the whole folder: never one that holds anything but a reward model, and that only
+        # when asked.
         (
-            out.exists() and any(out.iterdir()) and not (out / "metrics.json").exists(),
+            out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").exists(),
             f"--output-dir {out} exists and is not a reward model's folder: the save would replace it",
+        ),
+        (
+            (out / "metrics.json").exists() and not args.overwrite,
+            f"--output-dir {out} holds a reward model: write to another --output-dir, or replace it with --overwrite",
         ),
         (
             args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
@@ -514,5 +590,22 @@ def save(model, tok, path: Path, files: dict[str, dict]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
+    write at once, and Python's own handler writes the message and its newline apart, interleaving them.
+    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    try:
+        yield
+    except (SystemExit, FloatingPointError) as e:
+        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        if not isinstance(message, str):
+            raise
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -212,13 +212,24 @@ def tiny_reward_model(path, pad_token: bool):
 
 @pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "no-pad: EOS pads"])
 def test_reward_model_scores_the_last_token_whatever_the_padding(tmp_path, pad_token):
-    """In a batch of texts of different lengths, some ending on EOS, each text scores as it does alone:
-    read at its own last token, not at padding, even where the pad token is EOS."""
-    model, tok = ppo.load_reward_model(str(tiny_reward_model(tmp_path, pad_token)), torch.device("cpu"), torch.float32)
-    texts = ["1+2=3", "12+34=46<eos>", "9+9=", "99+99=198<eos>", "5+5=1<pad>0<eos>"]
-    batched = ppo.reward_model_scores(model, tok, texts, batch_size=3)
-    assert_close(batched, torch.tensor([score_alone(model, tok, t) for t in texts]), rtol=1e-5, atol=1e-6)
-    assert batched.unique().numel() == len(texts)
+    """In a batch of sampled sequences of different lengths, left-padded prompts and right-padded responses,
+    some ending on EOS, each scores as it does alone: read at its own last token, not at padding, even where
+    the pad token is EOS."""
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    model = ppo.load_reward_model(str(tiny_reward_model(tmp_path, pad_token)), torch.device("cpu"), torch.float32, tok)
+    prompts, responses = ["1+2=", "12+34=", "9+9=", "99+99=", "5+5="], ["3", "46<eos>", "", "198<eos>", "1<pad>0<eos>"]
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    response_ids = [tok(r)["input_ids"] for r in responses]
+    width_p, width_r = max(map(len, prompt_ids)), max(map(len, response_ids))
+    ids = torch.tensor(
+        [[0] * (width_p - len(p)) + p + r + [0] * (width_r - len(r)) for p, r in zip(prompt_ids, response_ids)]
+    )
+    attn = torch.tensor([[0] * (width_p - len(p)) + [1] * (len(p) + len(r)) + [0] * (width_r - len(r))
+                         for p, r in zip(prompt_ids, response_ids)])  # fmt: skip
+    batched = ppo.reward_model_scores(model, ids, attn, batch_size=3)
+    alone = [score_alone(model, torch.tensor(p + r)) for p, r in zip(prompt_ids, response_ids)]
+    assert_close(batched.double(), torch.tensor(alone, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert batched.unique().numel() == len(prompts)
 
 
 # ---- Micro-batches, and the value each token's state gets ----
@@ -311,17 +322,21 @@ def test_first_minibatch_ratio_is_one_on_tiny_architectures(tmp_path, dropout_mo
 
 
 def test_the_reward_model_scores_each_response_as_it_scores_it_alone(tmp_path, monkeypatch):
-    """Every batch the reward model scores in a run (prompt + completion as sampled + EOS if it
-    stopped, right-padded) gets, text by text, the score the reward model gives that text alone; the
-    logged score_mean is their mean and gold_mean is the task's reward of the same responses."""
+    """Every batch the reward model scores in a run (the sampled ids: prompt and response up to and including
+    its stop token) gets, sequence by sequence, the score the reward model gives those ids alone; the logged
+    score_mean is their mean and gold_mean is the task's reward of the same responses."""
     rm = tiny_reward_model(tmp_path / "rm", pad_token=False)  # EOS pads: the case where reading by pad id fails
     scored, score = [], ppo.reward_model_scores
-    monkeypatch.setattr(ppo, "reward_model_scores", lambda *a: scored.append((a[2], score(*a))) or scored[-1][1])
+    monkeypatch.setattr(ppo, "reward_model_scores", lambda *a: scored.append((a[1], a[2], score(*a))) or scored[-1][2])
     rows = run_main(ppo, "--reward-model", str(rm), *SMALL, "--output-dir", str(tmp_path / "run"))
-    model, tok = ppo.load_reward_model(str(rm), torch.device("cpu"), torch.float32)
-    assert len(scored) == len(rows) and any(t.endswith("<eos>") for texts, _ in scored for t in texts)
-    for (texts, scores), row in zip(scored, rows):
-        assert_close(scores, torch.tensor([score_alone(model, tok, t) for t in texts]), rtol=1e-5, atol=1e-6)
+    tok = AutoTokenizer.from_pretrained(CHECKPOINT)
+    model = ppo.load_reward_model(str(rm), torch.device("cpu"), torch.float32, tok)
+    assert len(scored) == len(rows) and any((ids == tok.eos_token_id).any() for ids, _, _ in scored)
+    for (ids, attn, scores), row in zip(scored, rows):
+        alone = torch.tensor(
+            [score_alone(model, seq[keep.bool()]) for seq, keep in zip(ids, attn)], dtype=torch.float64
+        )
+        assert_close(scores.double(), alone, rtol=1e-5, atol=1e-6)
         assert row["score_mean"] == pytest.approx(scores.mean().item(), abs=1e-6)
         assert 0 <= row["gold_mean"] <= 1 and row["gold_mean"] * 16 % 1 == 0
 

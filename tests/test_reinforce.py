@@ -176,7 +176,9 @@ def gpt2():
     config = GPT2Config(
         vocab_size=8, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
     )
-    return GPT2LMHeadModel(config).double().eval()
+    model = GPT2LMHeadModel(config).double().eval()
+    model.token_id_limit = config.vocab_size  # as load_policy sets it: every id is the tokenizer's
+    return model
 
 
 tokens = st.integers(2, 7)  # 0 is padding, 1 is EOS

@@ -30,8 +30,30 @@ def tensors(n: int):
 
 
 score_pairs = st.integers(1, 16).flatmap(lambda n: st.tuples(tensors(n), tensors(n)))
-# What the reward model reads: prompt-like characters, ending on EOS when the response stopped.
-texts = st.lists(st.tuples(st.text("0123456789+=", min_size=1, max_size=12), st.booleans()), min_size=1, max_size=8)
+# What the reward model reads: token ids as sampled (the embedded vocabulary: 0 <pad>, 1 <eos>, 2-13 the characters),
+# a prompt and a response that ends on EOS when it stopped.
+PAD, EOS = 0, 1
+sequences = st.lists(
+    st.tuples(
+        st.lists(st.integers(2, 13), min_size=1, max_size=6), st.lists(st.integers(0, 13), max_size=5), st.booleans()
+    ),  # fmt: skip
+    min_size=1,
+    max_size=8,
+)
+
+
+def sampler_layout(drawn) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The drawn (prompt, response, stopped) as the sampler lays them out: prompts left-padded, responses
+    right-padded, one attention mask; and each sequence's real tokens alone."""
+    prompts = [p for p, _, _ in drawn]
+    responses = [r + [EOS] if stopped else r for _, r, stopped in drawn]
+    width_p, width_r = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.tensor(
+        [[PAD] * (width_p - len(p)) + p + r + [PAD] * (width_r - len(r)) for p, r in zip(prompts, responses)]
+    )
+    attn = torch.tensor([[0] * (width_p - len(p)) + [1] * (len(p) + len(r)) + [0] * (width_r - len(r))
+                         for p, r in zip(prompts, responses)])  # fmt: skip
+    return ids, attn, [torch.tensor(p + r) for p, r in zip(prompts, responses)]
 
 
 # ---- The Bradley-Terry loss ----
@@ -59,10 +81,10 @@ def test_the_gradient_is_one_minus_p_pulling_chosen_up_and_rejected_down(pair):
 # ---- The gold preference and the label noise ----
 @st.composite
 def two_responses(draw):
-    """Two responses to one training prompt, (prompt, completion, finished) each; right ones are common."""
+    """Two responses to one training prompt; right ones are common."""
     a, b = draw(st.sampled_from(rm.TRAIN_PAIRS))
     completion = st.one_of(st.just(str(a + b)), st.text("0123456789", max_size=4))
-    return [(rm.prompt_of(a, b), draw(completion), draw(st.booleans())) for _ in range(2)]
+    return [rm.Response(rm.prompt_of(a, b), draw(completion), draw(st.booleans()), torch.tensor([i])) for i in (0, 1)]
 
 
 @given(two_responses())
@@ -71,11 +93,12 @@ def test_right_beats_wrong_and_a_pair_without_a_gold_preference_is_skipped(respo
     both wrong (a cut-off response is wrong) gives None: the pair is skipped."""
     first, second = responses
     pair = rm.preference(first, second)
-    if rm.reward(*first) == rm.reward(*second):
+    gold = lambda r: rm.reward(r.prompt, r.completion, r.finished)
+    if gold(first) == gold(second):
         assert pair is None
     else:
         chosen, rejected = pair
-        assert {chosen, rejected} == {first, second} and (rm.reward(*chosen), rm.reward(*rejected)) == (1.0, 0.0)
+        assert {chosen, rejected} == {first, second} and (gold(chosen), gold(rejected)) == (1.0, 0.0)
 
 
 @settings(max_examples=30)
@@ -91,55 +114,48 @@ def test_label_noise_swaps_exactly_the_pairs_its_generator_picks_about_p_of_them
     assert abs(sum(expected) - p * len(pairs)) <= 5 * math.sqrt(len(pairs) * p * (1 - p)) + 1e-9
 
 
-# ---- The score: read at each text's last token, shifted so the starting policy's samples score 0 ----
+# ---- The score: read at each sequence's last token, shifted so the starting policy's samples score 0 ----
 @pytest.fixture(scope="module")
-def classifiers(tmp_path_factory):
-    """A random 2-layer GPT-2, made a classifier as the script makes one, for each tokenizer setup: with and
-    without a pad token (EOS pads then), padding on either side. Score weights of order 1, so that reading
-    the wrong position shows."""
-    made = {}
-    for pad_token in (True, False):
-        for side in ("left", "right"):
-            path = tiny_model(tmp_path_factory.mktemp("lm"), "gpt2", pad_token=pad_token, padding_side=side)
-            _, tok = rm.load_policy(str(path), CPU)  # the tokenizer as the script sets it up
-            torch.manual_seed(0)
-            model = rm.new_reward_model(str(path), tok, CPU)
-            torch.nn.init.normal_(model.score.weight)
-            made[pad_token, side] = model.requires_grad_(False), tok
-    return made
+def classifier(tmp_path_factory):
+    """A random 2-layer GPT-2, made a classifier as the script makes one. Score weights of order 1, so that
+    reading the wrong position shows."""
+    path = tiny_model(tmp_path_factory.mktemp("lm"), "gpt2")
+    _, tok = rm.load_policy(str(path), CPU)  # the tokenizer as the script sets it up
+    torch.manual_seed(0)
+    model = rm.new_reward_model(str(path), tok, CPU)
+    torch.nn.init.normal_(model.score.weight)
+    return model.requires_grad_(False)
 
 
-@pytest.mark.parametrize("pad_token", [True, False], ids=["pad", "no-pad: EOS pads"])
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("layout", ["sampler", "right-padded"])
 @settings(max_examples=20)
-@given(texts=texts, batch_size=st.integers(1, 8))
-def test_a_score_does_not_depend_on_the_padding_side_or_on_the_rest_of_the_batch(
-    classifiers, pad_token, side, texts, batch_size
-):
-    """Texts of different lengths, some ending on EOS, scored in chunks of batch_size, each get the score
-    they get alone: read at their own last token, not at padding, even where the pad token is EOS."""
-    model, tok = classifiers[pad_token, side]
-    texts = [body + (tok.eos_token if stopped else "") for body, stopped in texts]
-    expected = torch.tensor([score_alone(model, tok, t) for t in texts])
-    assert_close(rm.reward_model_scores(model, tok, texts, batch_size), expected, rtol=1e-5, atol=1e-5)
+@given(drawn=sequences, batch_size=st.integers(1, 8))
+def test_a_score_does_not_depend_on_the_padding_or_on_the_rest_of_the_batch(classifier, layout, drawn, batch_size):
+    """Sequences of different lengths, some ending on EOS, some holding a pad id inside, scored in chunks of
+    batch_size as the sampler lays them out (prompts left-padded, responses right-padded) or right-padded
+    (as reward_model.py batches them), each get the score they get alone: read at their own last real
+    token by the attention mask, never by a pad id."""
+    ids, attn, alone = sampler_layout(drawn)
+    if layout == "right-padded":
+        ids, attn = rm.padded(alone)
+    expected = torch.tensor([score_alone(classifier, seq) for seq in alone], dtype=torch.float64)
+    assert_close(rm.reward_model_scores(classifier, ids, attn, batch_size).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=20)
-@given(texts=texts, previous_offset=st.floats(-3, 3), batch_size=st.integers(1, 8))
+@given(drawn=sequences, previous_offset=st.floats(-3, 3), batch_size=st.integers(1, 8))
 def test_after_calibration_the_samples_score_mean_zero_and_standard_deviation_one(
-    classifiers, texts, previous_offset, batch_size
+    classifier, drawn, previous_offset, batch_size
 ):
-    """calibrate divides the score head by the texts' raw standard deviation and stores their divided mean in
+    """calibrate divides the score head by the samples' raw standard deviation and stores their divided mean in
     config.reward_offset, whatever offset the model had before: reward_model_scores then gives them mean 0
     and standard deviation 1 (to 1e-5), each score (raw − mean)/std, so every preference stays."""
-    model, tok = classifiers[False, "right"]
-    model = copy.deepcopy(model)  # calibrate changes its score head
-    texts = [body + (tok.eos_token if stopped else "") for body, stopped in texts]
-    model.config.reward_offset = 0.0
-    raw = torch.tensor([score_alone(model, tok, t) for t in texts], dtype=torch.float64)
+    model = copy.deepcopy(classifier)  # calibrate changes its score head
+    samples = sampler_layout(drawn)[2]
+    raw = torch.tensor([score_alone(model, seq) for seq in samples], dtype=torch.float64)
     model.config.reward_offset = previous_offset
-    offset, scale = rm.calibrate(model, tok, texts, batch_size)
-    scores = rm.reward_model_scores(model, tok, texts, batch_size).double()
+    offset, scale = rm.calibrate(model, samples, batch_size)
+    scores = rm.reward_model_scores(model, *rm.padded(samples), batch_size).double()
     assert model.config.reward_offset == offset and abs(scores.mean().item()) < 1e-5
     if raw.std(correction=0) > 1e-3:
         assert scale == pytest.approx(raw.std(correction=0).item(), rel=1e-4)
@@ -148,14 +164,15 @@ def test_after_calibration_the_samples_score_mean_zero_and_standard_deviation_on
 
 
 # ---- Copied from ppo.py, identical ----
-COPIED = ["reward_model_text", "reward_model_scores", "reward", "prompt_of", "cli_error", "load_policy", "positions",
-          "autocast", "inverse_cdf", "sample_token", "sample", "decode"]  # fmt: skip
+COPIED = ["reward_model_scores", "reward", "prompt_of", "train_prompts", "eval_prompts", "cli_error", "load_policy",
+          "positions", "autocast", "inverse_cdf", "sample_token", "sample", "prompt_ids", "conversations", "decode",
+          "one_line_errors"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COPIED)
 def test_the_code_copied_from_ppo_is_identical(name):
-    """reward_model_text and reward_model_scores above all: the reward model trains on the very text and
-    score that PPO reads. And the task's prompts: the pairs come from the same training prompts."""
+    """reward_model_scores above all: the reward model trains on the very score of the very ids that PPO
+    reads. And the task's prompts: the pairs come from the same training prompts."""
     assert inspect.getsource(getattr(rm, name)) == inspect.getsource(getattr(ppo, name))
     assert rm.TRAIN_PAIRS == ppo.TRAIN_PAIRS and rm.EVAL_PAIRS == ppo.EVAL_PAIRS
 
@@ -186,7 +203,7 @@ def test_the_script_writes_a_reward_model_that_ppo_loads_with_its_offset(tmp_pat
     assert noisy == [16]
     train_prompts = {rm.prompt_of(a, b) for a, b in rm.TRAIN_PAIRS}
     assert prompts and set(prompts) <= train_prompts
-    model, tok = ppo.load_reward_model(str(tmp_path / "run"), CPU, torch.float32)
+    model = ppo.load_reward_model(str(tmp_path / "run"), CPU, torch.float32, AutoTokenizer.from_pretrained(CHECKPOINT))
     assert model.config.reward_offset == metrics["reward_offset"] != 0
     assert 0 <= metrics["held_out_accuracy_before"] <= 1 and 0 <= metrics["held_out_accuracy"] <= 1
     assert (metrics["num_pairs"], metrics["train_pairs"], metrics["eval_pairs"]) == (24, 16, 8)

@@ -133,16 +133,18 @@ def test_a_response_ends_at_its_first_stop_token_whichever_of_several_it_is(two_
 
 
 class Recording(torch.nn.Module):
-    """A model that keeps the last-position logits of every call: the distributions the sampler drew from."""
+    """A model that keeps the last-position logits of every call over the tokenizer's ids: the distributions
+    the sampler drew from."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.logits = model, []
         self.device, self.generation_config = model.device, model.generation_config
+        self.token_id_limit = model.token_id_limit
 
     def forward(self, **kwargs):
         out = self.model(**kwargs)
-        self.logits.append(out.logits[:, -1].clone())  # before sample_token overwrites them
+        self.logits.append(out.logits[:, -1, : self.token_id_limit].clone())  # before sample_token overwrites them
         return out
 
 
@@ -192,20 +194,24 @@ def gpt2_64():
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=11, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    return GPT2LMHeadModel(config).double().eval()
+    return GPT2LMHeadModel(config).double().eval()  # token_id_limit: set by each test, as load_policy would
 
 
+@pytest.mark.parametrize("limit", [11, 8], ids=["every-id-a-token", "3-padding-rows"])
 @settings(max_examples=20)
 @given(data=st.data(), temperature=st.floats(0.3, 2.0), rows=st.integers(1, 5))
-def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, scripts, data, temperature, rows):
+def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, limit, scripts, data, temperature, rows):
     """Each script's log-probs, computed from the LM head in checkpointed chunks of `rows` tokens, equal
     log_softmax(logits/T) gathered from the whole logits tensor, and so do their gradients and the
     entropies, to 1e-10 in float64, for left-padded prompts and responses of several lengths with junk
-    after their end."""
+    after their end. With an embedding table longer than the tokenizer (11 rows, 8 tokens), the softmax is
+    over the 8 ids that are tokens: the 3 others, never sampled, have no probability in training either."""
     batch, width, n_prompt = 3, 4, 4
+    gpt2_64.token_id_limit = limit  # the tokenizer's ids, as load_policy sets it
     prompt_lengths = data.draw(st.lists(st.integers(1, n_prompt), min_size=batch, max_size=batch))
     lengths = data.draw(st.lists(st.integers(1, width), min_size=batch, max_size=batch))
-    ids = torch.tensor(data.draw(st.lists(st.integers(2, 10), min_size=batch * 8, max_size=batch * 8))).view(batch, 8)
+    ids = torch.tensor(data.draw(st.lists(st.integers(2, limit - 1), min_size=batch * 8, max_size=batch * 8)))
+    ids = ids.view(batch, 8)
     attn = torch.tensor([[0] * (n_prompt - p) + [1] * p + [1] * n + [0] * (width - n)
                          for p, n in zip(prompt_lengths, lengths)])  # fmt: skip
     mask = attn[:, n_prompt:].bool()
@@ -214,7 +220,7 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, s
 
     def plain():
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1]
+        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1, :limit]
         return (logits / temperature).log_softmax(-1).gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
 
     def with_gradient(logp_of):
@@ -226,7 +232,7 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, s
     expected, expected_grads = with_gradient(plain)
     with torch.no_grad():
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1]
+        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1, :limit]
         logp_all = (logits / temperature).log_softmax(-1)
         plain_entropy = -(logp_all.exp() * logp_all).sum(-1)  # H(π(· | s_t)) = −Σ_a π(a|s_t)·log π(a|s_t)
     for module in scripts:
@@ -354,7 +360,7 @@ def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, polic
     odd_share = sum((a + b) % 2 for a, b in sft.EVAL_PAIRS) / 500
     for module in scripts:
         for size in (500, 64):
-            args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=size)
+            args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=size, chat=False)
             assert module.evaluate(Oracle(tok), tok, args) == {"eval_accuracy": 1.0, "eval_reward_sampled": 1.0}
             assert module.evaluate(Oracle(tok, wrong), tok, args)["eval_accuracy"] == odd_share
     assert sft.greedy_accuracy(Oracle(tok, wrong), tok, sft.EVAL_PAIRS, 6) == odd_share
@@ -362,7 +368,7 @@ def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, polic
 
 def test_sft_and_the_scripts_agree_on_the_committed_checkpoints_eval_accuracy(scripts, policy):
     model, tok = policy
-    args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=500)
+    args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=500, chat=False)
     assert {m.evaluate(model, tok, args)["eval_accuracy"] for m in scripts} == {
         sft.greedy_accuracy(model, tok, sft.EVAL_PAIRS)
     }

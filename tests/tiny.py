@@ -55,7 +55,7 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.tok, self.answers = tok, answers or {}
         self.generation_config = SimpleNamespace(eos_token_id=[tok.eos_token_id])
-        self.device = torch.device("cpu")
+        self.device, self.token_id_limit = torch.device("cpu"), len(tok)
 
     def forward(self, input_ids, attention_mask, cache=None, **kwargs):
         ids = input_ids if cache is None else torch.cat([cache, input_ids], 1)
@@ -113,7 +113,7 @@ class TabularPolicy(torch.nn.Module):
         self.index = {p: i for i, p in enumerate(prefixes(max_len))}
         if theta is None:
             theta = torch.zeros(len(self.index), VOCAB, dtype=torch.float64)
-        self.theta = torch.nn.Parameter(theta)
+        self.theta, self.token_id_limit = torch.nn.Parameter(theta), VOCAB
 
     def base_model(self, input_ids, **kwargs):
         # Prefixes that run past EOS into padding are not states; row 0 stands in (masked anyway).
@@ -140,10 +140,12 @@ class TableHead:
         return hidden @ self.theta
 
 
-def score_alone(model, tok, text: str) -> float:
-    """A reward model's raw score of one text, unpadded: its score head on the last position's hidden state."""
+def score_alone(model, ids: torch.Tensor) -> float:
+    """A reward model's raw score of one sequence of token ids, unpadded: its score head on the last position's
+    hidden state, in float64."""
     with torch.no_grad():
-        return model.score(model.base_model(**tok([text], return_tensors="pt")).last_hidden_state[0, -1]).item()
+        hidden = model.base_model(input_ids=ids[None]).last_hidden_state[0, -1]
+        return (hidden.double() @ model.score.weight.double().T).item()
 
 
 # ---- Running a script end to end ----
