@@ -13,16 +13,19 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 import ppo
+from gae import gae
 from tiny import ROOT, tiny_model
 
 EPOCHS, MINIBATCHES, RESPONSES = 2, 2, 16
 
 
-def ppo_update(path: str, rank: int, world: int, store: str | None) -> torch.Tensor:
-    """Process `rank` of `world` whitens its share of 16 fixed responses' advantages and runs
-    EPOCHS x MINIBATCHES steps of update_minibatch on its shares of fixed minibatches, as ppo.main does.
-    Returns the parameters after the update. The same 16 responses and the same minibatches (global
-    response indices, shuffled within each process's share) whatever `world` is."""
+def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[torch.Tensor, dict]:
+    """Process `rank` of `world` takes its share of 16 fixed responses, builds their rewards (with a KL
+    penalty), GAE and whitened advantages, and runs EPOCHS x MINIBATCHES steps of update_minibatch on its
+    shares of fixed minibatches, as ppo.main does. Returns the parameters after the update and the row of
+    statistics ppo.main would log (batch_stats, update_stats, and the adaptive β it would pass on). The same
+    16 responses and the same minibatches (global response indices, shuffled within each process's share)
+    whatever `world` is."""
     if store is not None:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     policy, tok = ppo.load_policy(path, torch.device("cpu"), torch.float64)
@@ -30,20 +33,24 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> torch.Ten
     prompts = [f"{i}+{7 * i}=" for i in range(RESPONSES)]
     ids, attn, n_prompt, mask, _ = ppo.sample(policy, tok, prompts, 4, 1.0, RESPONSES)
     with torch.no_grad():
-        logp_old = ppo.forward(policy, ids, attn, n_prompt, 1.0)[0]
-    noise = lambda scale: scale * torch.randn(mask.shape, dtype=torch.float64)
-    batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, values_old=noise(1), returns=noise(1))
-    advantages = noise(3) + 1  # far from whitened already
+        logp_old, entropy, _ = ppo.forward(policy, ids, attn, n_prompt, 1.0, entropy=True)
+    noise = lambda *shape: torch.randn(shape or mask.shape, dtype=torch.float64)
+    scores = noise(RESPONSES) + 1  # far from whitened already
+    batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + 0.1 * noise(), entropy=entropy,
+                 values_old=noise(), scores=scores, gold=(scores > 1).double())  # fmt: skip
     share = slice(rank * RESPONSES // world, (rank + 1) * RESPONSES // world)
-    train = {k: v[share] for k, v in batch.items()} | {"advantages": ppo.whiten(advantages[share], mask[share])}
+    batch = {k: v[share] for k, v in batch.items()}
+    rewards = ppo.token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], batch["mask"], 0.1)
+    advantages, returns = gae(rewards, batch["values_old"], batch["mask"], 1.0, 0.95)
+    batch.update(advantages=ppo.whiten(advantages, batch["mask"]), returns=returns)
 
     head = torch.nn.Linear(policy.config.hidden_size, 1).double()
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    model = ppo.PolicyAndCritic(policy, head).train()
-    trainable = DistributedDataParallel(model) if store is not None else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    agent = ppo.PolicyAndCritic(policy, head).train()
+    learner = DistributedDataParallel(agent) if store is not None else agent
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, fused=True)
     args = ppo.Args(temperature=1.0, micro_batch_size=3)  # 4 responses of a process's share: 3 + 1
-    local = RESPONSES // world
+    local, steps = RESPONSES // world, []
     for epoch in range(EPOCHS):
         # Minibatch j is the j-th quarter of every process's own shuffled share of the batch.
         shares = [torch.randperm(RESPONSES // 2, generator=torch.Generator().manual_seed(10 * epoch + r))
@@ -53,31 +60,39 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> torch.Ten
         )  # fmt: skip  [minibatch, global index]
         for minibatch in order:
             idx = minibatch[(minibatch >= rank * local) & (minibatch < (rank + 1) * local)] - rank * local
-            ppo.update_minibatch(trainable, optimizer, {k: v[idx] for k, v in train.items()}, n_prompt, args)
-    parameters = torch.cat([p.detach().flatten() for p in model.parameters()])
+            steps.append(
+                ppo.update_minibatch(learner, optimizer, {k: v[idx] for k, v in batch.items()}, n_prompt, args)
+            )
+    row = ppo.batch_stats(batch, rewards, returns) | ppo.update_stats(steps)
+    row["beta"] = ppo.adaptive_kl_coef(0.1, row["kl"], 0.01, RESPONSES, 100)
+    parameters = torch.cat([p.detach().flatten() for p in agent.parameters()])
     if store is not None:
         dist.destroy_process_group()
-    return parameters
+    return parameters, row
 
 
 def ppo_update_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
-    parameters = ppo_update(path, rank, world, store)
+    parameters, row = ppo_update(path, rank, world, store)
     if rank == 0:
-        torch.save(parameters, out)
+        torch.save((parameters, row), out)
 
 
-def test_two_processes_leave_the_parameters_one_process_leaves(tmp_path):
+def test_two_processes_leave_the_parameters_and_log_the_statistics_one_process_does(tmp_path):
     """PPO's update (whitening, 2 epochs x 2 minibatches, micro-batches of 3) by 2 gloo processes on 8
     responses each leaves the parameters 1 process leaves on the 16, to 1e-10 in float64: the advantages
     are whitened with the global mean and variance, each step's loss is divided by the minibatch's
-    token count over both processes, and DistributedDataParallel's average is undone into a sum."""
+    token count over both processes, and DistributedDataParallel's average is undone into a sum. Every
+    logged statistic of the batch and of the update, and the adaptive β it drives, is the whole batch's too."""
     path = str(tiny_model(tmp_path / "model", "gpt2"))
-    one = ppo_update(path, 0, 1, None)
+    one, one_row = ppo_update(path, 0, 1, None)
     mp.spawn(ppo_update_in_process, args=(2, path, str(tmp_path / "store"), str(tmp_path / "two.pt")), nprocs=2)
-    two = torch.load(tmp_path / "two.pt")
+    two, two_row = torch.load(tmp_path / "two.pt")
     start = torch.cat([p.flatten() for p in AutoModelForCausalLM.from_pretrained(path).double().parameters()])
     assert (one[: len(start)] - start).abs().max() > 1e-4  # the update moved the parameters
     torch.testing.assert_close(two, one, rtol=0, atol=1e-10)
+    assert two_row.keys() == one_row.keys() and len(one_row) == 17 and one_row["beta"] != 0.1
+    for key, value in one_row.items():
+        assert two_row[key] == pytest.approx(value, rel=1e-9, abs=1e-10), key
 
 
 def torchrun(script: str, *flags: str) -> subprocess.CompletedProcess:
@@ -89,16 +104,28 @@ SMALL = {
     "reinforce": ["--num-prompts", "8", "--samples-per-prompt", "2"],
     "actor_critic": ["--num-prompts", "16"],
     "ppo": ["--num-prompts", "16", "--num-minibatches", "2", "--ppo-epochs", "2"],
+    "ppo --critic separate --gradient-checkpointing": [
+        "--num-prompts",
+        "16",
+        "--num-minibatches",
+        "2",
+        "--critic",
+        "separate",
+        "--gradient-checkpointing",
+    ],  # fmt: skip
 }
 
 
-@pytest.mark.parametrize("name", ["reinforce", "actor_critic", "ppo"])
-def test_torchrun_with_two_processes_writes_one_run(name, tmp_path):
+@pytest.mark.parametrize("variant", SMALL)
+def test_torchrun_with_two_processes_writes_one_run(variant, tmp_path):
     """Exit 0; rank 0 alone writes one metrics.jsonl with one row per iteration (the global batch of 16
-    episodes per iteration) and evaluations where they are due; the saved model loads with from_pretrained."""
+    episodes per iteration) and evaluations where they are due; the saved model loads with from_pretrained.
+    Also with a separate critic (its own backbone in the DistributedDataParallel module) and gradient
+    checkpointing (recomputed layers inside DDP's backward)."""
     import json
 
-    flags = [*SMALL[name], "--max-new-tokens", "4", "--total-episodes", "48", "--eval-every", "32"]
+    name = variant.split()[0]
+    flags = [*SMALL[variant], "--max-new-tokens", "4", "--total-episodes", "48", "--eval-every", "32"]
     proc = torchrun(f"{name}.py", *flags, "--output-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -109,8 +136,9 @@ def test_torchrun_with_two_processes_writes_one_run(name, tmp_path):
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_one_error_line_from_each(tmp_path):
-    """Each process checks its arguments before any work and exits with the same one line; no traceback
-    of the script's own (torchrun then reports the failed processes in its own words)."""
+    """Each process checks its arguments before any work and exits with the same one line, whole whatever
+    order the two finish in (each writes it at once: test_runs.py); no traceback of the script's own
+    (torchrun then reports the failed processes in its own words)."""
     proc = torchrun("ppo.py", "--num-prompts", "12", "--num-minibatches", "4", "--output-dir", str(tmp_path / "run"))
     message = "error: --num-prompts 12 must split into --num-minibatches 4 over 2 processes"
     assert proc.returncode != 0 and [line for line in proc.stderr.splitlines() if "error:" in line] == [message] * 2

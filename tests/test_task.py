@@ -5,6 +5,7 @@ memory-lean log-probs, gradient checkpointing, resume, bad input); and the embed
 import importlib
 import inspect
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,9 +29,12 @@ from tiny import (
 )
 
 SCRIPTS = ["reinforce", "actor_critic", "ppo"]
-SHARED = ["cli_error", "reward", "prompt_of", "load_policy", "positions", "autocast", "inverse_cdf", "sample_token",
-          "sample", "decode", "logprob_chunk", "response_logprobs", "global_sum", "evaluate", "save"]  # fmt: skip
-SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_sum", "masked_mean", "masked_var"]
+SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy", "positions", "autocast", "inverse_cdf",
+          "sample_token", "sample", "prompt_ids", "conversations", "decode", "logprob_chunk", "response_logprobs",
+          "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats", "parse_args", "cli_error",
+          "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
+SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]
+CONSTANTS = ["EVAL_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,8 @@ def test_the_shared_pieces_are_the_same_code_in_every_script(scripts):
         assert len({inspect.getsource(getattr(m, name)) for m in scripts}) == 1, name
     for name in SHARED_WITH_A_CRITIC:
         assert len({inspect.getsource(getattr(m, name)) for m in scripts[1:]}) == 1, name
+    for name in CONSTANTS:  # what the shared code reads: equal values, not only equal source
+        assert all(getattr(m, name) == getattr(scripts[0], name) for m in scripts), name
 
 
 def test_every_script_scores_the_same_fixed_evaluation_set_and_never_trains_on_it(scripts):
@@ -168,24 +174,35 @@ def test_the_sampler_gives_each_token_the_log_probability_that_forward_gives_it(
     torch.testing.assert_close(logp[mask], drawn[mask], rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("vocab, block", [(10, 4), (10, 1024), (12, 3)])
-def test_sample_token_draws_from_the_softmax_of_the_logits_over_the_temperature(vocab, block):
-    """200,000 draws from one row of logits: the frequencies pass a chi-square test against
-    softmax(logits/T) (p > 1e-6; the generator is seeded, so the outcome is fixed), and a token of
-    logit −inf is never drawn. Both stages of the sampler are exercised: several blocks and a short last one."""
-    import ppo
+def chi_square_quantile(df: int, z: float = 4.753) -> float:
+    """The 1 − 1e-6 quantile of chi-square with df degrees of freedom (Wilson-Hilferty; z is the normal's)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("vocab, block", [(10, 4), (10, 1024), (12, 3)])
+def test_sample_token_draws_each_row_from_the_softmax_of_its_own_logits_over_the_temperature(name, vocab, block):
+    """200,000 rows of four different distributions, interleaved: each distribution's draws pass a chi-square
+    test against its own softmax(logits/T) (p > 1e-6; the generator is seeded, so the outcome is fixed), and a
+    token of logit −inf is never drawn. The four: spread out, nearly uniform, most mass on the last token (in
+    the short last block), and several tokens at −inf. Both stages of the sampler are exercised: several
+    blocks and a short last one; and a row drawn by another row's distribution fails."""
+    module = importlib.import_module(name)
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(vocab, generator=gen) * 2
-    logits[1] = -math.inf
-    probs = (logits / 0.7).softmax(-1)
-    draws = ppo.sample_token(logits.expand(200_000, vocab).clone(), 0.7, gen, block=block)
-    counts = torch.bincount(draws, minlength=vocab).double()
-    assert counts[1] == 0
-    expected = probs.double() * len(draws)
-    keep = expected > 0
-    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
-    assert chi2 < 45  # the 1 - 1e-6 quantile of chi-square with 9 degrees of freedom is about 45.6
+    kinds = torch.stack([torch.randn(vocab, generator=gen) * 2, torch.randn(vocab, generator=gen) * 0.1,
+                         torch.randn(vocab, generator=gen), torch.randn(vocab, generator=gen) * 2])  # fmt: skip
+    kinds[0, 1] = kinds[3, ::3] = -math.inf
+    kinds[2, -1] = 6.0
+    rows = torch.arange(200_000) % 4
+    draws = module.sample_token(kinds[rows].clone(), 0.7, gen, block=block)
+    for kind in range(4):
+        probs = (kinds[kind] / 0.7).softmax(-1).double()
+        counts = torch.bincount(draws[rows == kind], minlength=vocab).double()
+        assert (counts[probs == 0] == 0).all()
+        expected = probs * (rows == kind).sum()
+        keep = expected > 0
+        chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+        assert chi2 < chi_square_quantile(int(keep.sum()) - 1), kind
 
 
 @pytest.fixture(scope="module")
@@ -306,32 +323,52 @@ RESUMED = {
 }
 
 
-@pytest.mark.parametrize("within_a_save", [False, True], ids=["after-a-save", "between-a-saves-two-renames"])
+STOPS = ["after-a-save", "between-a-saves-two-renames", "before-a-save-removes-model-old", "after-a-save-made-on-a-gpu",
+         "after-a-save-and-a-line-cut-short"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """Each script's 4 iterations straight, run once for all the interrupted runs to be compared with."""
+    return {}
+
+
+@pytest.mark.parametrize("stop", STOPS)
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted_run_writes(
-    name, within_a_save, tmp_path, monkeypatch
+    name, stop, tmp_path, monkeypatch, straight_runs
 ):
-    """4 iterations straight, against a run stopped right after the save at iteration 2 (or inside the
-    save at iteration 3, after model/ became model.old/ and before model.tmp/ took its place) and
-    --resume: the same metrics.jsonl rows apart from `seconds`, and a saved policy that plain
-    from_pretrained loads."""
+    """4 iterations straight, against a run stopped and resumed with --resume: the same metrics.jsonl rows apart
+    from `seconds`, and a saved policy that plain from_pretrained loads. The run stops right after the save at
+    iteration 2; or inside the save at iteration 3, after model/ became model.old/ and before model.tmp/ took
+    its place; or at its very end, before model.old/ was removed (the save after the resume must clear it); or
+    after the save at iteration 2, its training_state.pt saved from a GPU (the resume reads it on the CPU); or
+    after that save with a row cut short in mid-line, as a crash leaves one."""
     module = importlib.import_module(name)
     batch = 16
     flags = (*TINY[name], *RESUMED[name], "--max-new-tokens", "4", "--total-episodes", str(4 * batch),
              "--eval-every", str(batch))  # fmt: skip
-    straight = run_main(module, *flags, "--output-dir", str(tmp_path / "straight"))
-    save, rename = module.save, Path.rename
+    if name not in straight_runs:
+        straight_runs[name] = run_main(module, *flags, "--output-dir", str(tmp_path / "straight"))
+    save, rename, rmtree = module.save, Path.rename, shutil.rmtree
 
     def stopped_at_the_second_rename(path, target):
         if path.name == "model.tmp":
             raise KeyboardInterrupt
         return rename(path, target)
 
+    def stopped_before_removing_model_old(path, *args, **kwargs):
+        if Path(path).name == "model.old" and not (Path(path).parent / "model.tmp").exists():
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+
     def save_then_stop(model, tok, path, state):
-        if within_a_save and state["iteration"] == 3:
+        if stop == "between-a-saves-two-renames" and state["iteration"] == 3:
             monkeypatch.setattr(Path, "rename", stopped_at_the_second_rename)
+        if stop == "before-a-save-removes-model-old" and state["iteration"] == 3:
+            monkeypatch.setattr(shutil, "rmtree", stopped_before_removing_model_old)
         save(model, tok, path, state)
-        if not within_a_save and state["iteration"] == 2:
+        if stop.startswith("after-a-save") and state["iteration"] == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "save", save_then_stop)
@@ -339,11 +376,27 @@ def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted
         run_main(module, *flags, "--output-dir", str(tmp_path / "resumed"))
     monkeypatch.setattr(module, "save", save)
     monkeypatch.setattr(Path, "rename", rename)
-    assert (tmp_path / "resumed" / "model").exists() != within_a_save
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    saved = tmp_path / "resumed" / "model"
+    assert saved.exists() != (stop == "between-a-saves-two-renames")
+    assert saved.with_name("model.old").exists() == (
+        stop in ("between-a-saves-two-renames", "before-a-save-removes-model-old")
+    )
+    if stop == "after-a-save-made-on-a-gpu":
+        state = torch.load(saved / "training_state.pt", weights_only=True)
+        monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, saved / "training_state.pt")
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError, match="CUDA"):  # what loading it without map_location does here
+            torch.load(saved / "training_state.pt", weights_only=True)
+    if stop == "after-a-save-and-a-line-cut-short":
+        with open(saved.parent / "metrics.jsonl", "a") as metrics:
+            metrics.write('{"iteration": 3, "episodes": 4')
     resumed = run_main(module, "--resume", str(tmp_path / "resumed"))
-    assert [r["iteration"] for r in straight] == [0, 1, 2, 3, 4]
-    assert without_seconds(resumed) == without_seconds(straight)
-    AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model")
+    assert [r["iteration"] for r in straight_runs[name]] == [0, 1, 2, 3, 4]
+    assert without_seconds(resumed) == without_seconds(straight_runs[name])
+    assert not saved.with_name("model.old").exists()
+    AutoModelForCausalLM.from_pretrained(saved)
 
 
 # ---- Evaluation: one rule, one meaning of eval_accuracy ----

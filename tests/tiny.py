@@ -8,25 +8,44 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXConfig, LlamaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "sft-addition"
 
 
+# A chat template in the manner of Llama 3's: BOS, then each message between role markers and an end marker.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def tiny_model(path: Path, arch: str = "gpt2", pad_token: bool = True, padding_side: str = "right",
                dtype: torch.dtype = torch.float32, seed: int = 0, stop_ids: tuple[int, ...] = (),
-               dropout: float = 0.0) -> Path:  # fmt: skip
+               dropout: float = 0.0, extra_rows: int = 0, chat: bool = False) -> Path:  # fmt: skip
     """Save a randomly initialised 2-layer model of `arch` (gpt2, llama or neox) with the embedded
     character tokenizer at `path`. pad_token=False removes the pad token, as Llama's tokenizer has none;
     the default right padding side checks that the scripts pad prompts on the left themselves.
     stop_ids are listed in its generation config beside EOS, as instruct models list several;
-    dropout > 0 switches on every dropout its config names."""
+    dropout > 0 switches on every dropout its config names; extra_rows pads the embedding table past the
+    tokenizer's ids, as Qwen2.5's is. chat=True gives the tokenizer a BOS that it writes before every text, as
+    Llama 3's does, and CHAT_TEMPLATE with its markers <|user|>, <|assistant|> and <|end|>, a stop token."""
     tok = AutoTokenizer.from_pretrained(CHECKPOINT)
     if not pad_token:
         tok.pad_token = None
     tok.padding_side = padding_side
-    common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+    if chat:
+        tok.add_special_tokens(
+            {"bos_token": "<bos>", "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]}
+        )
+        tok.chat_template = CHAT_TEMPLATE
+        tok._tokenizer.post_processor = TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+        )
+        stop_ids = (*stop_ids, tok.convert_tokens_to_ids("<|end|>"))
+    common = dict(vocab_size=len(tok) + extra_rows, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)  # fmt: skip
     config = {
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=dropout,
