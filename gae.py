@@ -10,8 +10,8 @@ of TD errors (eq. 16), which runs backwards as a recursion:
 
 `gae_loop` is that recursion written out, the reference; `gae`, which the
 training scripts use, computes the same sums in log2(T) whole-batch steps
-instead of T small ones: 4x faster on one CPU thread at [256, 512], though at
-the scripts' T ≤ 16 both take under a millisecond.
+instead of T small ones, which matters for long responses (docs/actor_critic.md
+has the timing).
 """
 
 import torch

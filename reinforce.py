@@ -336,9 +336,9 @@ def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> tor
 def sample_token(logits: torch.Tensor, temperature: float, generator=None, block: int = 1024) -> torch.Tensor:
     """One token per row of logits [B, V] from softmax(logits / T), exactly, and overwriting logits to
     save a copy. The CDF is inverted in two stages, a block of `block` tokens by the blocks' mass, then
-    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry,
-    ten times the cost of the forward pass at 150,000 tokens on a CPU; and one float32 cumulative sum
-    over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
+    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry, which
+    with 150,000 tokens on a CPU costs more than the forward pass (docs/scaling.md); and one float32 cumulative
+    sum over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
     p = logits.div_(temperature)
     p = p.sub_(p.amax(-1, keepdim=True)).exp_()  # softmax without its normaliser, which cancels
     n, vocab = p.shape
@@ -439,7 +439,7 @@ def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float,
     π(· | s) [N], without gradient (else None), over the ids below token_id_limit. Rows go through the LM head
     in chunks, so no [N, V] tensor exists at once; with gradients each chunk is recomputed in the backward
     pass (checkpointed), so none is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per
-    token. The entropy is elementwise work over [N, V] (with a large vocabulary on a CPU, a third of a forward
+    token. The entropy is elementwise work over [N, V] (with a large vocabulary on a CPU, a large share of a forward
     and backward): ask for it where it is logged."""
     rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
     chunks = [

@@ -356,9 +356,9 @@ def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> tor
 def sample_token(logits: torch.Tensor, temperature: float, generator=None, block: int = 1024) -> torch.Tensor:
     """One token per row of logits [B, V] from softmax(logits / T), exactly, and overwriting logits to
     save a copy. The CDF is inverted in two stages, a block of `block` tokens by the blocks' mass, then
-    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry,
-    ten times the cost of the forward pass at 150,000 tokens on a CPU; and one float32 cumulative sum
-    over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
+    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry, which
+    with 150,000 tokens on a CPU costs more than the forward pass (docs/scaling.md); and one float32 cumulative
+    sum over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
     p = logits.div_(temperature)
     p = p.sub_(p.amax(-1, keepdim=True)).exp_()  # softmax without its normaliser, which cancels
     n, vocab = p.shape
