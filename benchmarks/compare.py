@@ -1,6 +1,6 @@
-"""REINFORCE, actor-critic and PPO learning the default task side by side.
+"""REINFORCE, actor-critic, PPO and GRPO learning the default task side by side.
 
-Runs reinforce.py, actor_critic.py and ppo.py as subprocesses, each with its own defaults except a
+Runs reinforce.py, actor_critic.py, ppo.py and grpo.py as subprocesses, each with its own defaults except a
 common episode budget and evaluation interval, over several seeds, reads each run's metrics.jsonl
 and reports, per algorithm:
   - episodes and wall seconds until the eval accuracy (greedy, on the 500 held-out pairs) first
@@ -9,7 +9,7 @@ and reports, per algorithm:
   - the learning curves, eval accuracy against episodes and against wall seconds, mean over seeds
     with the min..max range shaded: curves.png (needs matplotlib: pip install matplotlib).
 
-    python benchmarks/compare.py               # 3 algorithms x seeds 1 2 3 x 76,800 episodes: hours on 2 cores
+    python benchmarks/compare.py               # 4 algorithms x seeds 1 2 3 x 76,800 episodes: hours on 2 cores
     python benchmarks/compare.py --quick       # 1 seed x 1,024 episodes into a temporary directory: a smoke test
     python benchmarks/compare.py --skip-runs   # re-tabulate and re-plot the runs already in --runs-dir
     python benchmarks/compare.py --algos ppo reinforce --seeds 4 5
@@ -35,20 +35,20 @@ import tyro
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ALGOS = ("reinforce", "actor_critic", "ppo")
-COLORS = {"reinforce": "tab:blue", "actor_critic": "tab:orange", "ppo": "tab:green"}
+ALGOS = ("reinforce", "actor_critic", "ppo", "grpo")
+COLORS = {"reinforce": "tab:blue", "actor_critic": "tab:orange", "ppo": "tab:green", "grpo": "tab:red"}
 THRESHOLDS = (0.5, 0.8, 0.95)
 # The full budget is the scripts' own default (76,800 episodes: a whole number of batches for all
-# three), with evaluations twice as often as their default so that each curve has 13 points.
+# four), with evaluations twice as often as their default so that each curve has 13 points.
 FULL = {"seeds": (1, 2, 3), "total_episodes": 76_800, "eval_every": 6_400}
 QUICK = {"seeds": (1,), "total_episodes": 1_024, "eval_every": 512}
 
 
 @dataclass
 class Args:
-    """Run reinforce.py, actor_critic.py and ppo.py on the same budget; tabulate and plot them."""
+    """Run reinforce.py, actor_critic.py, ppo.py and grpo.py on the same budget; tabulate and plot them."""
 
-    algos: tuple[Literal["reinforce", "actor_critic", "ppo"], ...] = ALGOS
+    algos: tuple[Literal["reinforce", "actor_critic", "ppo", "grpo"], ...] = ALGOS
     """the scripts to run and compare"""
     seeds: tuple[int, ...] | None = None
     """the seeds to run each script with (None: 1 2 3, or 1 with --quick)"""
@@ -112,6 +112,7 @@ def run(algo: str, seed: int, run_dir: Path, total_episodes: int, eval_every: in
         str(eval_every),
         "--output-dir",
         str(run_dir),
+        "--overwrite",  # a run of an earlier comparison in the same place is replaced
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "console.log", "w") as log:

@@ -144,14 +144,15 @@ def main() -> None:
     rm_dir = runs_dir / "reward_model"
     if not args.skip_runs:
         print(f"reward model -> {rm_dir}", flush=True)
-        run("reward_model.py", [*budget["reward_model"], "--seed", str(args.seed), "--output-dir", str(rm_dir)], env)
+        run("reward_model.py", [*budget["reward_model"], "--seed", str(args.seed), "--output-dir", str(rm_dir),
+                                   "--overwrite"], env)  # fmt: skip
         for i, (name, flags) in enumerate(SETTINGS.items()):
             flags = [*flags, "--reward-model", str(rm_dir), "--seed", str(args.seed), "--total-episodes",
                      str(budget["total_episodes"]), "--eval-every", str(budget["eval_every"])]  # fmt: skip
             if args.quick:
                 flags += ["--num-prompts", "32", "--num-minibatches", "2", "--ppo-epochs", "1"]
             print(f"ppo.py {shlex.join(flags)}", flush=True)
-            run("ppo.py", [*flags, "--output-dir", str(runs_dir / f"ppo-{i}")], env)
+            run("ppo.py", [*flags, "--output-dir", str(runs_dir / f"ppo-{i}"), "--overwrite"], env)
     runs = {name: load(runs_dir / f"ppo-{i}") for i, name in enumerate(SETTINGS)}
     rm_metrics = json.loads((rm_dir / "metrics.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """torchrun: N processes run the same algorithm as one. The equivalence is checked exactly, in float64,
-with 2 CPU processes (gloo) against 1; then every script end to end under torchrun."""
+with 2 CPU processes (gloo) against 1, for PPO's update and its logged statistics and for GRPO's three loss
+aggregations; then every script end to end under torchrun."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
+import grpo
 import ppo
 from gae import gae
 from tiny import ROOT, tiny_model
@@ -95,6 +98,54 @@ def test_two_processes_leave_the_parameters_and_log_the_statistics_one_process_d
         assert two_row[key] == pytest.approx(value, rel=1e-9, abs=1e-10), key
 
 
+def grpo_updates(path: str, rank: int, world: int, store: str | None) -> dict:
+    """For each loss aggregation, the parameters after 2 steps of grpo.update_minibatch by process `rank` of
+    `world` on its share of 2 fixed minibatches of 8 responses of different lengths (micro-batches of 3)."""
+    if store is not None:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    policy, tok = grpo.load_policy(path, torch.device("cpu"), torch.float64)
+    torch.manual_seed(0)  # the same responses in every process
+    ids, attn, n_prompt, mask, _ = grpo.sample(policy, tok, [f"{i}+{3 * i}=" for i in range(RESPONSES)], 4, 1.0, 16)
+    with torch.no_grad():
+        logp_old = grpo.token_logprobs(policy, ids, attn, n_prompt, 1.0)[0]
+    batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + 0.1 * torch.randn(mask.shape),
+                 advantages=torch.randn(RESPONSES, dtype=torch.float64))  # fmt: skip
+    assert len(set(mask.sum(1).tolist())) > 1  # responses of several lengths: the aggregations differ
+    parameters = {}
+    for mode in ("token", "sequence", "constant"):
+        agent = grpo.PolicyLogProbs(copy.deepcopy(policy))
+        learner = DistributedDataParallel(agent) if store is not None else agent
+        optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, fused=True)
+        args = grpo.Args(temperature=1.0, micro_batch_size=3, loss_aggregation=mode, kl_penalty="k3-loss")
+        for half in (slice(0, 8), slice(8, 16)):  # a minibatch: 4 responses in each of 2 processes
+            share = slice(half.start + rank * 8 // world, half.start + (rank + 1) * 8 // world)
+            grpo.update_minibatch(learner, optimizer, {k: v[share] for k, v in batch.items()}, n_prompt, args, 0.1)
+        parameters[mode] = torch.cat([p.detach().flatten() for p in agent.parameters()])
+    if store is not None:
+        dist.destroy_process_group()
+    return parameters
+
+
+def grpo_updates_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
+    parameters = grpo_updates(path, rank, world, store)
+    if rank == 0:
+        torch.save(parameters, out)
+
+
+def test_grpos_loss_aggregations_do_not_change_with_the_number_of_processes(tmp_path):
+    """Each of the three loss aggregations of grpo.py (over the minibatch's tokens, per response then over
+    responses, by a constant) leaves the same parameters, to 1e-10 in float64, whether 1 process or 2 gloo
+    processes take the steps: each token's weight comes from the minibatch's counts over every process (the
+    normalisation per process or per micro-batch that veRL fixed twice would not). The three do differ."""
+    path = str(tiny_model(tmp_path / "model", "gpt2"))
+    one = grpo_updates(path, 0, 1, None)
+    mp.spawn(grpo_updates_in_process, args=(2, path, str(tmp_path / "store"), str(tmp_path / "two.pt")), nprocs=2)
+    two = torch.load(tmp_path / "two.pt")
+    for mode, parameters in one.items():
+        torch.testing.assert_close(two[mode], parameters, rtol=0, atol=1e-10, msg=mode)
+    assert (one["token"] - one["sequence"]).abs().max() > 1e-6 and (one["token"] - one["constant"]).abs().max() > 1e-6
+
+
 def torchrun(script: str, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, *flags]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -104,6 +155,7 @@ SMALL = {
     "reinforce": ["--num-prompts", "8", "--samples-per-prompt", "2"],
     "actor_critic": ["--num-prompts", "16"],
     "ppo": ["--num-prompts", "16", "--num-minibatches", "2", "--ppo-epochs", "2"],
+    "grpo": ["--num-prompts", "8", "--group-size", "2", "--num-minibatches", "2", "--kl-coef", "0.1"],
     "ppo --critic separate --gradient-checkpointing": [
         "--num-prompts",
         "16",

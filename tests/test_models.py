@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, Llama4ForCa
 
 from tiny import CHECKPOINT, run_main, score_alone, tiny_model
 
-SCRIPTS = ["reinforce", "actor_critic", "ppo"]
+SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
 LOADING = [*SCRIPTS, "reward_model"]  # every script that loads a policy
 CPU = torch.device("cpu")
 
@@ -263,6 +263,7 @@ CHAT_RUN = {
     "reinforce": ["--num-prompts", "4", "--samples-per-prompt", "2"],
     "actor_critic": ["--num-prompts", "8"],
     "ppo": ["--num-prompts", "8", "--num-minibatches", "1", "--ppo-epochs", "1"],
+    "grpo": ["--num-prompts", "4", "--group-size", "2", "--num-minibatches", "1", "--ppo-epochs", "1"],
 }
 
 

@@ -351,16 +351,57 @@ def test_runs_copied_alone_with_gae(tmp_path):
 
 
 def test_same_seed_gives_the_same_metrics(tmp_path):
-    """Row for row apart from `seconds`, with a separate critic and an adaptive β that does move."""
+    """Row for row apart from `seconds`, with a separate critic and an adaptive β that does move. Row 0's
+    critic explains exactly none of the return's variance: the value head starts at 0, not at random values."""
     flags = (*SMALL, "--critic", "separate", "--kl-coef", "0.1", "--kl-target", "0.01", "--kl-horizon", "100")
     runs = [run_script("ppo.py", *flags, out_dir=tmp_path / str(i))[1] for i in range(2)]
     assert without_seconds(runs[0]) == without_seconds(runs[1])
     assert len({row["beta"] for row in training_rows(runs[0])}) == 2
+    assert runs[0][0]["explained_variance"] == 0.0
 
 
 def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     _, rows = run_script("ppo.py", "--total-episodes", "2048", "--eval-every", "2048", out_dir=tmp_path)
     assert rows[-1]["episodes"] == 2048 and rows[-1]["eval_accuracy"] >= rows[0]["eval_accuracy"] + 0.15
+
+
+def test_the_critic_regresses_on_returns_taken_before_whitening_and_the_learning_rate_decays_to_0(
+    tmp_path, monkeypatch
+):
+    """Every minibatch's returns are GAE's R_t = A_t + V_old(s_t) from the raw advantages, and its advantages
+    are those advantages whitened over the batch: whitening first would give the critic targets in units of
+    standard deviations. And iteration i of N steps at lr·(1 − (i − 1)/N): the last batch moves the policy little."""
+    batches, seen, gae, rollout, update = [], [], ppo.gae, ppo.rollout, ppo.update_minibatch
+
+    def collect(*args):
+        batch, n_prompt = rollout(*args)
+        batches.append({"ids": batch["ids"]})
+        return batch, n_prompt
+
+    def advantages_and_returns(rewards, values, mask, *args):
+        batches[-1].update(zip(("advantages", "returns"), gae(rewards, values, mask, *args)), mask=mask)
+        return batches[-1]["advantages"], batches[-1]["returns"]
+
+    def step(learner, optimizer, minibatch, *args):
+        seen.append((len(batches) - 1, optimizer.param_groups[0]["lr"], minibatch))
+        return update(learner, optimizer, minibatch, *args)
+
+    monkeypatch.setattr(ppo, "rollout", collect)
+    monkeypatch.setattr(ppo, "gae", advantages_and_returns)
+    monkeypatch.setattr(ppo, "update_minibatch", step)
+    flags = [*SMALL, "--total-episodes", "48", "--learning-rate", "1e-4", "--kl-coef", "0.1"]
+    run_main(ppo, *flags, "--output-dir", str(tmp_path))
+    assert sorted({i for i, _, _ in seen}) == [1, 2, 3] and len(seen) == 3 * 2 * 2  # 3 updates of 2 x 2 steps
+    for i, lr, minibatch in seen:
+        assert lr == pytest.approx(1e-4 * (1 - (i - 1) / 3))
+        batch = batches[i]
+        rows = [
+            next(r for r in range(len(batch["ids"])) if torch.equal(batch["ids"][r], ids)) for ids in minibatch["ids"]
+        ]
+        assert torch.equal(batch["returns"][rows], minibatch["returns"])
+        assert torch.equal(ppo.whiten(batch["advantages"], batch["mask"])[rows], minibatch["advantages"])
+        valid = minibatch["mask"]
+        assert torch.equal((batch["advantages"][rows] + minibatch["values_old"])[valid], minibatch["returns"][valid])
 
 
 # ---- Bad input and a diverging run, in process: they end before any training ----

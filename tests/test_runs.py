@@ -14,11 +14,12 @@ import torch.distributed as dist
 
 from tiny import ROOT, run_main
 
-SCRIPTS = ["reinforce", "actor_critic", "ppo"]
+SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
 SMALL = {
     "reinforce": ["--num-prompts", "4", "--samples-per-prompt", "2"],
     "actor_critic": ["--num-prompts", "8"],
     "ppo": ["--num-prompts", "8", "--num-minibatches", "1", "--ppo-epochs", "1"],
+    "grpo": ["--num-prompts", "4", "--group-size", "2", "--num-minibatches", "1", "--ppo-epochs", "1"],
 }
 RM_SMALL = ["--num-pairs", "6", "--eval-pairs", "2", "--epochs", "1", "--calibration-samples", "8"]
 

@@ -28,12 +28,13 @@ from tiny import (
     without_seconds,
 )
 
-SCRIPTS = ["reinforce", "actor_critic", "ppo"]
+SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
 SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy", "positions", "autocast", "inverse_cdf",
           "sample_token", "sample", "prompt_ids", "conversations", "decode", "logprob_chunk", "response_logprobs",
           "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats", "parse_args", "cli_error",
           "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
-SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]
+SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
+SHARED_WITHOUT = ["token_logprobs", "PolicyLogProbs"]  # reinforce.py and grpo.py
 CONSTANTS = ["EVAL_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
@@ -53,8 +54,12 @@ def test_the_shared_pieces_are_the_same_code_in_every_script(scripts):
     """Copies by design, and identical: a fix to one must reach all."""
     for name in SHARED:
         assert len({inspect.getsource(getattr(m, name)) for m in scripts}) == 1, name
+    with_critic = [m for m in scripts if hasattr(m, "PolicyAndCritic")]
     for name in SHARED_WITH_A_CRITIC:
-        assert len({inspect.getsource(getattr(m, name)) for m in scripts[1:]}) == 1, name
+        assert len(with_critic) == 2 and len({inspect.getsource(getattr(m, name)) for m in with_critic}) == 1, name
+    for name in SHARED_WITHOUT:
+        without = [m for m in scripts if m not in with_critic]
+        assert len(without) == 2 and len({inspect.getsource(getattr(m, name)) for m in without}) == 1, name
     for name in CONSTANTS:  # what the shared code reads: equal values, not only equal source
         assert all(getattr(m, name) == getattr(scripts[0], name) for m in scripts), name
 
@@ -99,12 +104,12 @@ def test_every_script_samples_and_scores_tokens_identically(scripts, policy):
         outputs.append((ids, attn, n_prompt, mask, finished, module.decode(tok, ids[:, n_prompt:], mask, finished)))
     for other in outputs[1:]:
         assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(outputs[0], other))
-    reinforce, actor_critic, ppo = scripts
     ids, attn, n_prompt = outputs[0][:3]
     with torch.no_grad():
-        expected = reinforce.token_logprobs(model, ids, attn, n_prompt, 1.5, entropy=True)
-        for module in (actor_critic, ppo):
-            assert all(map(torch.equal, module.forward(model, ids, attn, n_prompt, 1.5, entropy=True)[:2], expected))
+        expected = scripts[0].token_logprobs(model, ids, attn, n_prompt, 1.5, entropy=True)
+        for module in scripts:
+            score = module.forward if hasattr(module, "forward") else module.token_logprobs
+            assert all(map(torch.equal, score(model, ids, attn, n_prompt, 1.5, entropy=True)[:2], expected))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +259,7 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, l
         plain_entropy = -(logp_all.exp() * logp_all).sum(-1)  # H(π(· | s_t)) = −Σ_a π(a|s_t)·log π(a|s_t)
     for module in scripts:
         chunk, module.LOGITS_PER_CHUNK = module.LOGITS_PER_CHUNK, rows * 11  # `rows` tokens per chunk: several
-        score = module.token_logprobs if module.__name__ == "reinforce" else module.forward
+        score = module.forward if hasattr(module, "forward") else module.token_logprobs
         try:
             logp, grads = with_gradient(lambda f=score: f(gpt2_64, ids, attn, n_prompt, temperature)[0])
         finally:
@@ -272,8 +277,20 @@ TINY = {
     "reinforce": ("--num-prompts", "4", "--samples-per-prompt", "4", "--micro-batch-size", "8"),
     "actor_critic": ("--num-prompts", "16", "--micro-batch-size", "8"),
     "ppo": ("--num-prompts", "16", "--num-minibatches", "2", "--ppo-epochs", "2", "--micro-batch-size", "4"),
+    "grpo": (
+        "--num-prompts",
+        "4",
+        "--group-size",
+        "4",
+        "--num-minibatches",
+        "2",
+        "--ppo-epochs",
+        "2",
+        "--micro-batch-size",
+        "4",
+    ),  # fmt: skip
 }
-UPDATE = {"reinforce": "update", "actor_critic": "update", "ppo": "update_minibatch"}
+UPDATE = {"reinforce": "update", "actor_critic": "update", "ppo": "update_minibatch", "grpo": "update_minibatch"}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -320,6 +337,7 @@ RESUMED = {
     "reinforce": ("--baseline", "mean", "--kl-coef", "0.1"),  # the running mean and π_ref carry over
     "actor_critic": ("--critic", "separate", "--kl-coef", "0.1"),  # the critic's own backbone
     "ppo": ("--critic", "separate", "--kl-coef", "0.1", "--kl-target", "0.01", "--kl-horizon", "100"),  # β moves
+    "grpo": ("--kl-coef", "0.1", "--kl-penalty", "k3-loss"),  # π_ref, and its log-probs in the update
 }
 
 

@@ -1,0 +1,993 @@
+"""Group Relative Policy Optimization on a causal language model (Shao et al., "DeepSeekMath", 2024): PPO without
+a critic, whose baseline is the group of G responses sampled for the same prompt.
+
+For each prompt, sample G responses from π_old and score them r_1 … r_G. Every token of response i gets the
+advantage of the whole response, its score against the rest of its group:
+
+    A_i = r_i − mean_{j≠i} r_j        --baseline leave-one-out: exactly unbiased (reinforce.py's RLOO)
+    A_i = r_i − mean_j r_j            --baseline group-mean (the paper's): (G − 1)/G of the same
+    A_i ← A_i / std(r_1 … r_G)        --scale-advantages group (the paper's); batch: one std for all; none
+
+Then, as PPO does, several epochs of shuffled minibatches on the batch, a gradient step on each, ascending
+
+    L(θ) = Σ_i Σ_t w_{i,t}·[ min(r_t(θ)·A_i, clip(r_t(θ), 1 − ε, 1 + ε)·A_i) − β·k_t ],   r_t(θ) = π_θ/π_old
+
+where w weighs each token in the minibatch (--loss-aggregation: over all its tokens, over each response's then
+over responses as the paper, or by a constant as Dr. GRPO) and k_t is a per-token estimate of the KL to π_ref
+(--kl-penalty: k3 as the paper or k2 in the loss; or k1 taken out of the loss and put in the reward, as ppo.py).
+What GRPO keeps from PPO: the ratio and its clip over several updates of one batch. What it drops: the critic
+and GAE; a prompt costs G samples instead of one sample and a value model. The defaults are the choices that
+tests/test_grpo.py proves unbiased (see docs/grpo.md); the paper's GRPO is
+
+    python grpo.py --baseline group-mean --scale-advantages group --loss-aggregation sequence --kl-penalty k3-loss
+
+    python grpo.py                              # the embedded addition policy, a few minutes on a CPU
+    torchrun --nproc-per-node 8 grpo.py ...     # the same algorithm, data-parallel over 8 GPUs
+    python grpo.py --resume runs/grpo-1-...     # continue an interrupted run from its last save
+    python grpo.py --help
+
+The file, in reading order: Args; the task (`reward` and the prompts: the block to replace for your own task);
+GRPO's pieces (group_advantages, kl_penalty, token_weights, policy_loss); main() with the loop; then, below the
+banners, the language-model machinery and the plumbing, the same in every script.
+Self-contained on purpose: copy this file (it needs nothing else from this project) into yours.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import torch
+import torch.distributed as dist
+import tyro
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+HERE = Path(__file__).resolve().parent
+hf_logging.disable_progress_bar()  # loading and saving bars would drown the training log
+
+
+@dataclass
+class Args:
+    # ---- The run ----
+    model: str = str(HERE / "checkpoints" / "sft-addition")
+    """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
+    seed: int = 1
+    """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
+    total_episodes: int = 128_000
+    """sampled responses to train on"""
+    eval_every: int = 6_400
+    """episodes between evaluations and saves (one also runs before the first update and after the last)"""
+    output_dir: str | None = None
+    """where metrics.jsonl, args.json and model/ go (default: runs/grpo-<seed>-<time>)"""
+    resume: str | None = None
+    """continue the run saved in this folder, with its own arguments (give no other flag)"""
+    overwrite: bool = False
+    """replace the run in --output-dir, if one is there (else a run refuses to start there)"""
+    device: str = "auto"
+    """auto = cuda when available, else cpu"""
+    # ---- Sampling ----
+    num_prompts: int = 64
+    """prompts per iteration, over all processes"""
+    group_size: int = 4
+    """G: responses sampled for each prompt, the group whose scores are each one's baseline"""
+    max_new_tokens: int = 6
+    """longest response; one that has not emitted a stop token by then is cut off and scores 0"""
+    temperature: float = 0.5
+    """sampling temperature, used identically when computing log-probs"""
+    chat: bool = False
+    """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
+    # ---- GRPO ----
+    learning_rate: float = 3e-5
+    """Adam learning rate at the first iteration; it decays linearly to 0"""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global norm to this"""
+    ppo_epochs: int = 4
+    """μ: passes over each batch (TRL's num_iterations)"""
+    num_minibatches: int = 4
+    """gradient steps per epoch; must divide --num-prompts x --group-size"""
+    clip_range: float = 0.2
+    """ε: the ratio π_θ/π_old earns nothing for leaving [1 − ε, 1 + ε]"""
+    baseline: Literal["leave-one-out", "group-mean"] = "leave-one-out"
+    """b in A = r − b: the mean score of the group's other responses, or of the whole group (the paper's)"""
+    scale_advantages: Literal["none", "batch", "group"] = "batch"
+    """divide the advantages by nothing (Dr. GRPO), by one std over the batch, or by each group's std (the paper's)"""
+    loss_aggregation: Literal["token", "sequence", "constant"] = "token"
+    """the loss's mean over the minibatch's tokens (DAPO, ppo.py), over each response's then over responses (the
+    paper's), or its sum over N x --max-new-tokens (Dr. GRPO)"""
+    # ---- KL and reward ----
+    kl_coef: float = 0.0
+    """β, the price of a nat of KL(π_θ‖π_ref) (0 = no reference model)"""
+    kl_penalty: Literal["k1-reward", "k2-loss", "k3-loss"] = "k1-reward"
+    """where the KL goes: −β·Σ_t k1 in each response's reward (ppo.py's), or β·k2 or β·k3 per token in the loss"""
+    # ---- Memory ----
+    micro_batch_size: int = 64
+    """responses per forward/backward pass of the update; gradients accumulate over micro-batches"""
+    inference_batch_size: int = 256
+    """responses per pass without gradients: sampling, π_old, π_ref, evaluation"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
+
+
+# ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
+def reward(prompt: str, completion: str, finished: bool) -> float:
+    """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
+    `finished` is False when the response was cut off before a stop token."""
+    a, b = prompt.removesuffix("=").split("+")
+    return float(finished and completion == str(int(a) + int(b)))
+
+
+EVAL_SEED = 1234  # fixed forever, independent of --seed, so every run scores the same 500 pairs
+ALL_PAIRS = [(a, b) for a in range(100) for b in range(100)]
+EVAL_PAIRS = random.Random(EVAL_SEED).sample(ALL_PAIRS, 500)
+TRAIN_PAIRS = sorted(set(ALL_PAIRS) - set(EVAL_PAIRS))  # every training prompt, SFT and RL alike
+
+
+def prompt_of(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def train_prompts(rng: random.Random, n: int) -> list[str]:
+    """n training prompts, drawn with replacement."""
+    return [prompt_of(*rng.choice(TRAIN_PAIRS)) for _ in range(n)]
+
+
+def eval_prompts() -> list[str]:
+    """The fixed evaluation prompts, never trained on."""
+    return [prompt_of(a, b) for a, b in EVAL_PAIRS]
+
+
+# ==== GRPO. Token tensors are [B, T] over response tokens, masks bool; padding may hold anything, NaN included. ====
+def group_advantages(
+    scores: torch.Tensor, baseline: Literal["group-mean", "leave-one-out"], scale: bool
+) -> torch.Tensor:
+    """Advantages [P, G] of P groups of G responses from their scores r [P, G], one per response.
+
+        group-mean:     A_i = r_i − (1/G)·Σ_j r_j                 (the baseline includes r_i itself)
+        leave-one-out:  A_i = r_i − 1/(G − 1)·Σ_{j≠i} r_j = G/(G − 1)·(r_i − mean_j r_j)
+        scale=True:     A_i ← A_i / std(r_1, …, r_G)           (GRPO's normalisation)
+
+    std is the sample standard deviation, sqrt(Σ_j (r_j − mean r)² / (G − 1)) (Bessel's correction, as
+    torch.std and the GRPO implementations of TRL and veRL compute it), the same for both baselines.
+    A group whose scores are all equal gets A_i = 0 exactly, scaled or not: its centred scores are 0 in exact
+    arithmetic but not always in floating point (mean(0.1, 0.1, 0.1) ≠ 0.1), and its std is 0 or a rounding
+    error: divided by it they are NaN (0/0) or rounding over rounding (−0.82 each for 0.1, 0.1, 0.1), by
+    std + 1e-6 a small nonzero (−1.4e-11), and a real deviation over a zero std + 1e-6 is ±1e6. Such a group
+    carries no signal: it is zeroed explicitly. Any other group has some r_i − mean ≠ 0 (floating-point subtraction is 0
+    only for equal numbers); the deviations are divided by the largest of them before they are squared, so the
+    std cannot underflow to 0 (scores 0 and 1e-300 give ±0.71, not ±inf) and |A_i| ≤ √(G − 1) (group-mean),
+    (G − 1)/√G up to rounding. With G = 1, group-mean gives 0; leave-one-out needs G ≥ 2."""
+    G = scores.shape[-1]
+    if baseline not in ("group-mean", "leave-one-out"):
+        raise ValueError(f"baseline must be 'group-mean' or 'leave-one-out', not {baseline!r}")
+    if baseline == "leave-one-out" and G < 2:
+        raise ValueError("the leave-one-out baseline needs at least 2 responses per group")
+    if G == 1:
+        return torch.zeros_like(scores)
+    constant = (scores == scores[..., :1]).all(-1, keepdim=True)
+    deviations = scores - scores.sum(-1, keepdim=True) / G
+    advantages = deviations if baseline == "group-mean" else G / (G - 1) * deviations
+    if scale:
+        largest = torch.where(constant, 1.0, deviations.abs().amax(-1, keepdim=True))
+        unit = deviations / largest  # |unit| ≤ 1, and 1 somewhere in a group that is not constant
+        std = (unit.pow(2).sum(-1, keepdim=True) / (G - 1)).sqrt()  # the std of r, over `largest`: ≥ 1/√(G − 1)
+        advantages = advantages / largest / torch.where(constant, 1.0, std)
+    return torch.where(constant, 0.0, advantages)
+
+
+def scale_by_batch_std(advantages: torch.Tensor) -> torch.Tensor:
+    """The advantages divided by one standard deviation, of all the batch's (every process's): centred already,
+    they keep their mean of 0 and each prompt its weight, and the step no longer depends on the reward's
+    units. A batch whose advantages are all 0 stays 0."""
+    rms = (
+        global_sum(advantages.pow(2).sum()) / global_sum(torch.tensor(advantages.numel(), device=advantages.device))
+    ).sqrt()
+    return advantages / torch.where(rms > 0, rms, 1.0)
+
+
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: Literal["k1", "k2", "k3"]) -> torch.Tensor:
+    """Per-token estimate k(a_t | s_t) of KL(π_θ‖π_ref), from log π_θ(a_t|s_t) (with its gradient) and
+    log π_ref(a_t|s_t) (a constant) of tokens sampled from π_θ (Schulman, "Approximating KL divergence", 2020):
+
+        k1 = log π_θ − log π_ref
+        k2 = ½·(log π_θ − log π_ref)²
+        k3 = (ρ − 1) − log ρ,   ρ = π_ref/π_θ         (GRPO's estimator; ρ − 1 = expm1(log ρ) for accuracy)
+
+    The loss adds β·k per token. On-policy and with one token (a categorical π), E_{a~π}[∇_θ k1] = 0,
+    E[∇_θ k2] = ∇_θ KL(π_θ‖π_ref) and E[∇_θ k3] = ∇_θ KL(π_ref‖π_θ), the reverse KL. Over responses of
+    several tokens, the per-token sums give these per state, weighted by π_θ's state distribution held fixed:
+    none is the gradient of the sequence-level KL(π_θ(y)‖π_ref(y)); −β·Σ_t k1 put in the reward (detached, a
+    score-function term) is. Padding may hold NaN: mask the result with torch.where."""
+    log_ratio = logp - logp_ref  # log π_θ/π_ref = −log ρ
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', not {estimator!r}")
+
+
+def token_weights(
+    mask: torch.Tensor,
+    mode: Literal["sequence", "token", "constant"],
+    n_responses: int,
+    n_tokens: int,
+    max_new_tokens: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Each valid token's weight w [B, T] in the minibatch loss L = Σ_i Σ_t w_{i,t}·ℓ_{i,t} (0 on padding),
+    for the rows of `mask` that this micro-batch holds. The counts are those of the whole minibatch,
+    over every micro-batch and process: N = n_responses responses holding n_tokens valid tokens in all.
+    So each token's weight is the same wherever its response lands, and summing the micro-batches' losses
+    (and the processes' gradients) gives the whole minibatch's loss and gradient. Normalising by a
+    micro-batch's own counts would not (the bug veRL fixed twice).
+
+        sequence  (GRPO paper):    w = 1/(N·|y_i|)             L = (1/N)·Σ_i (1/|y_i|)·Σ_t ℓ_{i,t}
+        token     (DAPO, TRL):     w = 1/n_tokens              L = Σ_i Σ_t ℓ_{i,t} / Σ_i |y_i|
+        constant  (Dr. GRPO):      w = 1/(N·max_new_tokens)    L = Σ_i Σ_t ℓ_{i,t} / (N·max_new_tokens)
+
+    With ℓ_t = −A(y)·log π_θ(a_t|s_t) and y ~ π_θ i.i.d., J = E[R]: "constant" has E[∇L] = −∇J/max_new_tokens
+    for every N. "sequence" has E[∇L] = −E[A(y)/|y|·∇log π_θ(y)] = −∇E[A/|y|], which favours short correct
+    answers and long wrong ones. "token" has E[∇L] = −E[Σ_i A_i ∇log π_θ(y_i) / Σ_i |y_i|], not proportional
+    to ∇J for finite N unless every response has the same length; it is consistent: as N → ∞ it tends to
+    −∇J/E|y| (both sums over N, divided by N, converge). With DistributedDataParallel, which averages the
+    processes' gradients, multiply the loss by the number of processes."""
+    if mode == "sequence":
+        weight = 1.0 / (mask.sum(-1, keepdim=True).to(dtype) * n_responses)
+    elif mode == "token":
+        weight = torch.as_tensor(1.0 / n_tokens, dtype=dtype, device=mask.device)
+    elif mode == "constant":
+        weight = torch.as_tensor(1.0 / (n_responses * max_new_tokens), dtype=dtype, device=mask.device)
+    else:
+        raise ValueError(f"mode must be 'sequence', 'token' or 'constant', not {mode!r}")
+    return torch.where(mask, weight, torch.zeros((), dtype=dtype, device=mask.device))
+
+
+def weighted_loss(token_loss: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """This micro-batch's share Σ_{i,t valid} w_{i,t}·ℓ_{i,t} of the minibatch loss; NaN padding stays out."""
+    return torch.where(mask, weights * token_loss, 0.0).sum()
+
+
+def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float):
+    """Per token −min(r_t·A_t, clip(r_t, 1 − ε, 1 + ε)·A_t), and r_t. The min keeps the objective
+    a pessimistic bound on the unclipped one: clipping removes the incentive to move r_t further in
+    the direction A_t favours, never the penalty for moving it the wrong way."""
+    ratio = torch.exp(logp - logp_old)  # r_t = π_θ/π_old, from log-probs: no division by tiny π_old
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages), ratio
+
+
+@torch.no_grad()
+def rollout(policy, tok, prompts: list[str], args: Args, ref_policy) -> tuple[dict, int]:
+    """A response to each prompt from π_old, its score, and π_old, π_ref (if β > 0) and the entropy of π_old on
+    its tokens. Returns the batch, a dict of tensors with a row per response, and the prompt width."""
+    size, temperature = args.inference_batch_size, args.temperature
+    model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
+    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, temperature, size)
+    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
+    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
+    passes = [token_logprobs(policy, ids[c], attn[c], n_prompt, temperature, True) for c in chunks]
+    batch = dict(ids=ids, attn=attn, mask=mask, scores=scores)
+    batch["logp_old"], batch["entropy"] = (torch.cat(x) for x in zip(*passes))
+    if ref_policy is not None:
+        batch["logp_ref"] = torch.cat([token_logprobs(ref_policy, ids[c], attn[c], n_prompt, temperature)[0]
+                                       for c in chunks])  # fmt: skip
+    return batch, n_prompt
+
+
+def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: Args, beta: float):
+    """One gradient step on a minibatch (this process's share: a dict of [b, ...] tensors), summed over
+    micro-batches. Each token's weight in the loss comes from the whole minibatch's counts, over every
+    process (token_weights), so neither the micro-batch size nor the number of processes changes the step.
+    Returns the gradient norm and, per micro-batch, the token mask and r_t, A_t, the clipped loss and the KL
+    term, for the log. A gradient that is not finite is never stepped on: FloatingPointError."""
+    mask = minibatch["mask"]
+    n_responses, n_tokens = global_sum(torch.tensor(len(mask), device=mask.device)), global_sum(mask.sum())
+    # DistributedDataParallel averages gradients over processes; the loss is a sum over them.
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    micro = [
+        {k: v[i : i + args.micro_batch_size] for k, v in minibatch.items()}
+        for i in range(0, len(mask), args.micro_batch_size)
+    ]
+    optimizer.zero_grad(set_to_none=True)
+    logged = []
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1 or not isinstance(learner, DistributedDataParallel)  # average once, at the end
+        with contextlib.nullcontext() if sync else learner.no_sync():
+            logp, _ = learner(mb["ids"], mb["attn"], n_prompt, args.temperature)
+            advantages = mb["advantages"][:, None].expand_as(logp)  # A_i on every token of response i
+            pg_loss, ratio = policy_loss(logp, mb["logp_old"], advantages, args.clip_range)
+            kl = torch.zeros_like(logp)
+            if args.kl_penalty != "k1-reward" and beta > 0:  # β·k per token, differentiated through log π_θ
+                kl = kl_penalty(logp, mb["logp_ref"], args.kl_penalty.removesuffix("-loss"))
+            weights = token_weights(mb["mask"], args.loss_aggregation, n_responses, n_tokens, args.max_new_tokens,
+                                    logp.dtype)  # fmt: skip
+            loss = weighted_loss(pg_loss + beta * kl, weights, mb["mask"])
+            (loss * world).backward()
+        logged.append((mb["mask"], ratio.detach(), advantages, pg_loss.detach(), kl.detach()))
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError("non-finite gradient")
+    optimizer.step()
+    return grad_norm, logged
+
+
+# ==== Training ====
+def main() -> None:
+    args = parse_args()
+    device = start(args)  # the process group under torchrun, this process's device, its seed
+    run = Run(args, "grpo", device)  # the output folder and the prompts' generator; on --resume, the last save
+    policy, tok = load_policy(run.last_save or args.model, device, chat=args.chat)  # π_θ
+    ref_policy = None
+    if args.kl_coef > 0:  # π_ref, frozen: in bf16 on a GPU, where autocast computes in bf16 anyway
+        frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ref_policy = load_policy(args.model, device, frozen)[0].requires_grad_(False)
+    if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
+        policy.activation_checkpointing_enable()
+    agent = PolicyLogProbs(policy)  # π_θ: what Adam steps
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
+    run.restore(optimizer=optimizer)
+    learner = data_parallel(agent)  # the agent, its gradients averaged over processes (itself in one)
+    local_prompts = args.num_prompts // run.world
+    batch_size, local_batch = args.num_prompts * args.group_size, local_prompts * args.group_size
+    num_iterations = math.ceil(args.total_episodes / batch_size)
+    beta = args.kl_coef
+    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
+              f"{args.group_size} responses), {args.ppo_epochs} epochs x {args.num_minibatches} minibatches, "
+              f"baseline {args.baseline}, scale {args.scale_advantages}, loss over {args.loss_aggregation}, "
+              f"kl_coef {beta} ({args.kl_penalty})")  # fmt: skip
+
+    # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
+    for iteration in range(run.first_iteration, num_iterations + 1):
+        try:
+            # 1. Collect: a group of G responses to each of P prompts, their scores, and π_old and π_ref on them.
+            prompts = [p for p in train_prompts(run.rng, local_prompts) for _ in range(args.group_size)]
+            batch, n_prompt = rollout(policy, tok, prompts, args, ref_policy)
+            run.note_equal_scores(batch["scores"], iteration)
+
+            # 2. Advantages: each response's reward against its group's, one A_i for all its tokens. With the KL
+            #    in the reward, R_i = r_i − β·Σ_t log(π_old/π_ref), as ppo.py does.
+            rewards = batch["scores"]
+            if beta > 0 and args.kl_penalty == "k1-reward":
+                rewards = rewards - beta * torch.where(batch["mask"], batch["logp_old"] - batch["logp_ref"], 0.0).sum(1)
+            advantages = group_advantages(rewards.view(local_prompts, args.group_size), args.baseline,
+                                          scale=args.scale_advantages == "group").flatten()  # fmt: skip
+            if args.scale_advantages == "batch":
+                advantages = scale_by_batch_std(advantages)
+            batch["advantages"] = advantages
+
+            # 3. Update (not at iteration 0): epochs x shuffled minibatches, one Adam step each. The learning
+            #    rate decays linearly to 0, so the last batches move the policy little.
+            steps = []
+            if iteration > 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+                learner.train()  # only gradient checkpointing cares: dropout is off
+                for epoch in range(args.ppo_epochs):
+                    for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
+                        steps.append(update_minibatch(learner, optimizer, {k: v[idx] for k, v in batch.items()},
+                                                      n_prompt, args, beta))  # fmt: skip
+                learner.eval()
+
+            # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock(), "beta": beta}
+            row |= batch_stats(batch, rewards, args.group_size) | (update_stats(steps) if steps else {})
+            due = run.evaluation_due(iteration, batch_size, num_iterations)
+            if due and run.rank == 0:
+                row |= evaluate(policy, tok, args)
+            run.log(row, "reward_mean", "kl", "entropy", "clip_fraction", "equal_score_groups")
+            if due:  # after the row: a resume redoes everything after its last save
+                run.save(row, policy, tok)
+        except FloatingPointError as e:
+            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+    run.finish()
+
+
+def batch_stats(batch: dict, rewards: torch.Tensor, group_size: int) -> dict:
+    """What the log says of a batch of responses, over every process."""
+    mask, scores = batch["mask"], batch["scores"]
+    n = global_sum(torch.tensor(len(mask), device=mask.device))
+    groups = scores.view(-1, group_size)
+    row = {
+        "reward_mean": global_sum(rewards.sum()) / n,  # score − β·KL with the KL in the reward, else the score
+        "score_mean": global_sum(scores.sum()) / n,
+        # The share of groups whose scores are all equal: their advantages are 0, they teach nothing.
+        "equal_score_groups": global_sum((groups == groups[:, :1]).all(1).sum()) / (n / group_size),
+        "advantage_std": (global_sum(batch["advantages"].pow(2).sum()) / n).sqrt(),  # their mean is 0
+        "entropy": masked_mean(batch["entropy"], mask),
+        "response_length": global_sum(mask.sum()) / n,
+    }
+    if "logp_ref" in batch:  # KL(π_old‖π_ref) per response, in nats, by k1 and by k3
+        log_ratio = batch["logp_old"] - batch["logp_ref"]
+        row["kl"] = global_sum(masked_sum(log_ratio, mask)) / n
+        row["kl_k3"] = global_sum(masked_sum(torch.expm1(-log_ratio) + log_ratio, mask)) / n
+    return floats(row)
+
+
+def update_stats(steps: list) -> dict:
+    """Token means over every micro-batch of every step of an update, over every process."""
+    grad_norms = [grad_norm for grad_norm, _ in steps]
+    micro = [mb for _, logged in steps for mb in logged]
+    mask, ratio, advantages, pg_loss, kl = (torch.cat(x) for x in zip(*micro))
+    first_mask, first_ratio = (torch.cat(x) for x in list(zip(*steps[0][1]))[:2])
+    log_ratio = ratio.log()
+    return floats({
+        "policy_loss": masked_mean(pg_loss, mask),
+        "kl_loss": masked_mean(kl, mask),  # the estimator in the loss, per token (0 with the KL in the reward)
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": global_max(ratio[mask].max()),
+        # The share of tokens where the clip binds: the clipped term is the smaller (as ppo.py counts it).
+        "clip_fraction": masked_mean((pg_loss > -ratio * advantages).float(), mask),
+        # CleanRL's approx_kl, (r − 1) − log r: k3 of KL(π_old‖π_θ), how far the update moved the policy.
+        "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        # Before the first step π_θ = π_old, so every r_t of the first minibatch must be 1 up to rounding.
+        "first_minibatch_ratio_error": global_max((first_ratio[first_mask] - 1).abs().max()),
+        "grad_norm": torch.stack(grad_norms).mean(),
+    })  # fmt: skip
+
+
+# ==== Below: the machinery a reader may skip. ============================================================
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
+# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
+def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
+    """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
+    Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the
+    same policy that sampled. Every stop token (the tokenizer's EOS and those of the generation config) ends up
+    in generation_config.eos_token_id. Tokenizers without a pad token reuse EOS for padding: padding is tracked
+    by masks, never by id. With `chat`, prompts will be conversations: the tokenizer needs a chat template.
+    Ids at or past model.token_id_limit are not the tokenizer's (rows that pad the
+    embedding table: Qwen2.5 has 151,936 and 151,665 tokens): they decode to nothing, so they are never sampled."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # loading notes (a BERT's advice to set is_decoder) would break the one error line
+    try:
+        config = AutoConfig.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name)
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot load {name}: {str(e).splitlines()[0]}")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):  # one a config does not name
+            module.p = 0.0
+    if model.base_model is model:  # Llama4ForCausalLM, MllamaForCausalLM: the body is not base_model
+        sys.exit(f"error: {name}: {type(model).__name__} has no base_model to read the hidden states from")
+    model.token_id_limit = min(max(tok.get_vocab().values()) + 1, model.get_output_embeddings().weight.shape[0])
+    # Log-probs come from the LM head applied to the last hidden state (see response_logprobs): a model that
+    # changes its logits after the head (soft-capping, scaling) would be trained on the wrong ones. And a
+    # causal LM's first position does not see the second (a BERT's does). Both probed on the same input.
+    with torch.no_grad(), autocast(device):
+        probe = torch.tensor([[1, 1], [1, 2]], device=device) % model.token_id_limit
+        direct = model(input_ids=probe).logits.float()
+        rebuilt = model.get_output_embeddings()(model.base_model(input_ids=probe).last_hidden_state).float()
+    if not torch.allclose(direct[0, 0], direct[1, 0], rtol=1e-5, atol=1e-5 * direct[:, 0].abs().max().item()):
+        sys.exit(f"error: {name} is not a causal language model: its first position sees the tokens after it")
+    if not torch.allclose(direct, rebuilt, rtol=1e-3, atol=1e-3):
+        sys.exit(f"error: {name} transforms its logits after the LM head, which this script does not support")
+    eos = model.generation_config.eos_token_id
+    stops = sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
+    if not stops:
+        sys.exit(f"error: {name} has no EOS token: a response could never end")
+    if chat and tok.chat_template is None:
+        sys.exit(f"error: --chat: the tokenizer of {name} has no chat template")
+    model.generation_config.eos_token_id = stops
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, whatever the left padding."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Per row, index i with probability w_i / Σ_j w_j: the first i with c_i ≥ u, c the cumulative
+    sum (float64) and u uniform on (0, c_last]. An entry of weight 0 is never chosen."""
+    c = weights.double().cumsum(-1)
+    u = (1 - torch.rand(len(c), 1, dtype=c.dtype, device=c.device, generator=generator)) * c[:, -1:]
+    return torch.searchsorted(c, u).squeeze(-1)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, generator=None, block: int = 1024) -> torch.Tensor:
+    """One token per row of logits [B, V] from softmax(logits / T), exactly, and overwriting logits to
+    save a copy. The CDF is inverted in two stages, a block of `block` tokens by the blocks' mass, then
+    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry, which
+    with 150,000 tokens on a CPU costs more than the forward pass (docs/scaling.md); and one float32 cumulative
+    sum over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
+    p = logits.div_(temperature)
+    p = p.sub_(p.amax(-1, keepdim=True)).exp_()  # softmax without its normaliser, which cancels
+    n, vocab = p.shape
+    block = min(block, vocab)
+    full = vocab - vocab % block  # the last block may be short
+    mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
+    columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
+    within = torch.where(columns < vocab, p.gather(1, columns.clamp(max=vocab - 1)), 0.0)
+    # A row of NaN or all −inf has no distribution; its id stays in range (sample reports the row).
+    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1).clamp(max=vocab - 1)
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
+           generator=None):  # fmt: skip
+    """Left-padded sampling with a KV cache, batch_size prompts at a time. A prompt is text, or a conversation
+    (a list of {"role", "content"} messages) for the chat template (see prompt_ids). Returns the token ids
+    [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the response
+    mask [B, T] (1 on every generated token up to and including the first stop token, 0 after it) and whether
+    each response ended on a stop token [B] (False: it was cut off). The stop tokens are
+    generation_config.eos_token_id, where load_policy put the tokenizer's EOS too. Logits that are NaN or inf
+    for a response still being written raise FloatingPointError: there is no distribution to sample."""
+    encoded = [prompt_ids(tok, prompt) for prompt in prompts]
+    width = max(map(len, encoded))
+    prompt_ids_ = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], device=model.device)
+    prompt_attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
+    stops = torch.tensor(model.generation_config.eos_token_id, device=model.device)
+    broken = torch.zeros((), dtype=torch.bool, device=model.device)
+    responses = []
+    for ids, attn in zip(prompt_ids_.split(batch_size), prompt_attn.split(batch_size)):
+        pos, cache, tokens = positions(attn), None, []
+        alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            step = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+            with autocast(ids.device):
+                out = model(**step, logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1, : model.token_id_limit].float()  # ids that are tokens
+            broken |= (alive & ~logits.amax(-1).isfinite()).any()  # NaN, +inf, or no token possible (all −inf)
+            next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
+            tokens.append(torch.where(alive, next_token, tok.pad_token_id))
+            attn = torch.cat([attn, alive.long()[:, None]], 1)
+            alive &= ~torch.isin(next_token, stops)
+            if not alive.any():
+                break
+            ids, pos = next_token[:, None], pos[:, -1:] + 1
+        responses.append(torch.stack(tokens, 1))
+    if broken:
+        raise FloatingPointError("the policy's logits are NaN or inf")
+    width = max(r.shape[1] for r in responses)
+    response = torch.cat(
+        [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=tok.pad_token_id) for r in responses]
+    )
+    stopped = torch.isin(response, stops)
+    mask = stopped.cumsum(1) - stopped.long() == 0  # no stop token before t
+    ids, attn = torch.cat([prompt_ids_, response], 1), torch.cat([prompt_attn, mask.long()], 1)
+    return ids, attn, prompt_ids_.shape[1], mask, stopped.any(1)
+
+
+def prompt_ids(tok, prompt) -> list[int]:
+    """A prompt's token ids. A conversation is rendered by the tokenizer's chat template with the generation
+    prompt and tokenized in the same call; text is tokenized as the tokenizer does, its special tokens (a BOS)
+    included, unless the text begins with the BOS already, as a template rendered to text does: never two."""
+    if not isinstance(prompt, str):
+        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    starts_with_bos = tok.bos_token is not None and prompt.startswith(tok.bos_token)
+    return tok(prompt, add_special_tokens=not starts_with_bos)["input_ids"]
+
+
+def conversations(prompts: list, chat: bool) -> list:
+    """With --chat, each text prompt as the user's message of a conversation, for the chat template."""
+    return [[{"role": "user", "content": p}] if chat and isinstance(p, str) else p for p in prompts]
+
+
+def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finished: torch.Tensor) -> list[str]:
+    """Each completion as sampled, without the stop token that ended it. Special tokens stay: a pad
+    or BOS inside a response is part of what the reward judges, never dropped for free."""
+    lengths = (response_mask.sum(1) - finished.long()).tolist()
+    return [tok.decode(row[:n], skip_special_tokens=False) for row, n in zip(response_ids.tolist(), lengths)]
+
+
+LOGITS_PER_CHUNK = 2**25  # 128 MiB in float32: the most of the LM head's output that exists at once
+
+
+def logprob_chunk(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
+    z = lm_head(hidden)[:, :token_id_limit]  # only the tokenizer's ids have probability, as when sampling
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
+    log_normaliser = z.logsumexp(-1)
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser  # log π(a|s) = z_a/T − logsumexp(z/T)
+    if not entropy:
+        return logp, torch.empty(0)
+    with torch.no_grad():  # the entropy is only logged; a −inf logit has probability 0 and adds 0, not 0·(−inf)
+        z = z.clamp(min=torch.finfo(z.dtype).min)
+        return logp, log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
+
+
+def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
+    """log π(a | s) of each token a [N] after each hidden state h(s) [N, H] and, if asked, the entropy of
+    π(· | s) [N], without gradient (else None), over the ids below token_id_limit. Rows go through the LM head
+    in chunks, so no [N, V] tensor exists at once; with gradients each chunk is recomputed in the backward
+    pass (checkpointed), so none is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per
+    token. The entropy is elementwise work over [N, V] (with a large vocabulary on a CPU, a large share of a forward
+    and backward): ask for it where it is logged."""
+    rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
+    chunks = [
+        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, token_id_limit, use_reentrant=False)
+        if torch.is_grad_enabled()
+        else logprob_chunk(lm_head, h, a, temperature, entropy, token_id_limit)
+        for h, a in zip(hidden.split(rows), tokens.split(rows))
+    ]
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
+
+
+@torch.no_grad()
+def evaluate(policy, tok, args) -> dict:
+    """Greedy exact-match accuracy and mean sampled reward on the task's evaluation prompts; and on the
+    console, what the model writes for the first few (prompt | greedy completion | score). The sampled half
+    draws from its own fixed generator, so evaluating leaves training unchanged."""
+    prompts, result = eval_prompts(), {}
+    for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
+        gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
+        size = args.inference_batch_size
+        ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
+                                                  args.temperature, size, greedy, gen)  # fmt: skip
+        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        scores = list(map(reward, prompts, texts, finished.tolist()))
+        result[key] = sum(scores) / len(prompts)
+        if greedy:
+            shown = lambda text: repr(text) if len(repr(text)) <= 60 else repr(text)[:59] + "…"
+            for prompt, text, score in list(zip(prompts, texts, scores))[:4]:
+                print(f"    {shown(prompt)} | {shown(text)} | {score:g}")
+    return result
+
+
+# Sums, means and variances over the valid tokens of every process: batch statistics are global.
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ of x over every process (x itself without torch.distributed)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def global_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, dist.ReduceOp.MAX)
+    return x
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum()  # where, not x·mask: NaN·0 = NaN
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over the valid entries of every process."""
+    return global_sum(masked_sum(x, mask)) / global_sum(mask.sum())
+
+
+def floats(row: dict) -> dict:
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
+
+
+# The policy's forward pass (as in reinforce.py).
+# The policy's forward pass (as in grpo.py).
+def token_logprobs(policy, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
+    """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
+    it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
+    attention mask, position ids and temperature."""
+    mask = attn[:, n_prompt:].bool()  # the response mask
+    with autocast(ids.device):
+        out = policy.base_model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+        hidden = out.last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:]
+        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy,
+                                          policy.token_id_limit)  # fmt: skip
+    unpack = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+    return unpack(logp), unpack(entropy)
+
+
+class PolicyLogProbs(torch.nn.Module):
+    """π_θ as a module whose forward is token_logprobs: what DistributedDataParallel wraps."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, ids, attn, n_prompt: int, temperature: float):
+        return token_logprobs(self.policy, ids, attn, n_prompt, temperature)
+
+
+# ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
+    """This script's own bad input: (is it bad, the error line)."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    at_least_one = ["total_episodes", "num_prompts", "group_size", "max_new_tokens", "ppo_epochs", "num_minibatches"]
+    at_least_one += ["micro_batch_size", "inference_batch_size", "eval_every"]
+    positive = ["learning_rate", "max_grad_norm", "temperature", "clip_range"]
+    problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
+    problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
+    return problems + [
+        (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (args.num_prompts % world != 0, f"--num-prompts {args.num_prompts} must split over {world} processes"),
+        (
+            args.group_size < 2 and (args.baseline == "leave-one-out" or args.scale_advantages == "group"),
+            f"--baseline {args.baseline} and --scale-advantages {args.scale_advantages} need --group-size >= 2",
+        ),
+        (
+            args.num_prompts // max(world, 1) * args.group_size % args.num_minibatches != 0,
+            f"--num-prompts {args.num_prompts} x --group-size {args.group_size} must split into --num-minibatches "
+            f"{args.num_minibatches}" + (f" over {world} processes" if world > 1 else ""),
+        ),
+    ]
+
+
+def parse_args() -> Args:
+    """The command line, checked: bad input ends the run here with one line on stderr."""
+    argv = sys.argv[1:]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
+            args = tyro.cli(Args, args=argv)
+    except SystemExit as e:
+        if e.code == 0:
+            raise  # --help, printed on stdout
+        sys.exit(f"error: {cli_error(argv)}")
+    if args.resume is not None:
+        saved = Path(args.resume) / "model" / "training_state.pt"
+        if args != Args(resume=args.resume):
+            sys.exit("error: --resume continues a run with its own arguments: give no other flag")
+        old = saved.parent.with_name("model.old")
+        if not saved.parent.exists() and old.exists():  # a save stopped between its two renames left the last here
+            with contextlib.suppress(FileNotFoundError):  # another process of the run may have moved it back first
+                old.rename(saved.parent)
+        if not saved.exists():
+            sys.exit(f"error: --resume {args.resume}: no {saved.relative_to(args.resume)} to continue from")
+        args = Args(**{**json.loads((Path(args.resume) / "args.json").read_text()), "resume": args.resume})
+        args.output_dir = args.resume
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    out = Path(args.output_dir) if args.output_dir else None
+    # A run is there once it has written a row or a save; one that stopped before either left nothing to keep.
+    held = [name for name in ("metrics.jsonl", "model", "model.old") if out and (out / name).exists()]
+    held = [name for name in held if (out / name).stat().st_size and not args.resume]
+    problems = check_args(args, world) + [
+        (
+            args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
+            "--device must be auto, cpu or cuda",
+        ),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(), f"--device {args.device}: no CUDA here"),
+        (out is not None and out.exists() and not out.is_dir(), f"--output-dir {out} is a file, not a folder"),
+        (
+            bool(held) and not args.overwrite,
+            f"--output-dir {out} holds a run ({', '.join(held)}): continue it with --resume {out}, "
+            "write to another --output-dir, or replace it with --overwrite",
+        ),
+    ]
+    for bad, message in problems:
+        if bad:
+            sys.exit(f"error: {message}")
+    return args
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "model", "model.old", "model.tmp")  # what a run writes in its folder
+
+
+def cli_error(argv: list[str]) -> str:
+    """Why tyro rejected argv, in one line: each flag is parsed again on its own, and the first that
+    fails is named. (Reading tyro's message instead would depend on how it draws its box.)"""
+    fields = {"--" + f.name.replace("_", "-"): f for f in dataclasses.fields(Args)}
+    groups = []
+    for token in argv:
+        if token.startswith("--"):
+            groups.append(token.split("=", 1))
+        elif not groups:
+            return f"unexpected argument {token!r}"
+        else:
+            groups[-1].append(token)
+    for flag, *values in groups:
+        field = fields.get(flag) or fields.get(flag.replace("--no-", "--", 1))
+        if field is None:
+            return f"unrecognized flag {flag}"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                tyro.cli(Args, args=[flag, *values])
+        except SystemExit:
+            if field.type is bool:
+                return f"{flag} takes no value"
+            kinds = get_args(field.type) or (field.type,)
+            expected = ("one of " if get_origin(field.type) is Literal else "") + ", ".join(
+                "None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds
+            )
+            return f"{flag} expects {expected}, got {' '.join(values)!r}" if values else f"{flag} needs a value"
+    return "cannot parse " + " ".join(argv)
+
+
+def start(args) -> torch.device:
+    """This process's device, and under torchrun its process group: NCCL with one GPU per process, or gloo on
+    a CPU. Seeds torch's generator, which draws the responses, with seed + rank: each process samples its own."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    if cuda and world > 1:  # one GPU per process, made the current one: object collectives put tensors there
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if world > 1:
+        # The other processes wait while rank 0 evaluates and saves, which for billions of parameters can take
+        # longer than NCCL's default timeout of 10 minutes.
+        backend, device_id = ("nccl", device) if cuda else ("gloo", None)
+        dist.init_process_group(backend, device_id=device_id, timeout=datetime.timedelta(hours=2))
+    torch.manual_seed(args.seed + rank)
+    return device
+
+
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose gradients DistributedDataParallel averages over the processes (itself in one process)."""
+    return DistributedDataParallel(module) if dist.is_initialized() else module
+
+
+class Run:
+    """The run's folder, which process 0 alone writes: args.json, metrics.jsonl (a row per iteration) and
+    model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
+    prompts (seed + rank), which a save keeps with torch's."""
+
+    def __init__(self, args, name: str, device: torch.device):
+        self.args, self.name, self.device = args, name, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dir = Path(args.output_dir or f"runs/{name}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.rng = random.Random(args.seed + self.rank)
+        self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
+        self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+
+    def restore(self, **stateful) -> dict:
+        """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
+        --resume, load them and the generators from the last save. Returns that save's state ({} if none)."""
+        self.stateful = {k: v for k, v in stateful.items() if v is not None}
+        if not self.args.resume:
+            return {}
+        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device.
+        state = torch.load(self.dir / "model" / "training_state.pt", map_location="cpu", weights_only=True)
+        if len(state["rng"]) != self.world:
+            sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
+        for key, value in self.stateful.items():
+            value.load_state_dict(state[key])
+        python_rng, torch_rng, cuda_rng = state["rng"][self.rank]
+        self.rng.setstate(python_rng)
+        torch.set_rng_state(torch_rng)
+        if self.device.type == "cuda" and cuda_rng is not None:  # else saved on a CPU: the CUDA stream starts anew
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+        self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
+        return state
+
+    def begin(self, policy, description: str) -> None:
+        """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
+        resuming (the rows after it will be written again; a line a crash cut short is one of them); with
+        --overwrite, the run that was there goes. Print the banner. Starts the clock."""
+        if self.rank == 0:
+            if self.args.overwrite and not self.args.resume:
+                for name in RUN_FILES:
+                    path = self.dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+            kept = []
+            for line in (self.dir / "metrics.jsonl").read_text().splitlines() if self.args.resume else []:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line)["iteration"] < self.first_iteration:
+                        kept.append(line + "\n")
+            (self.dir / "metrics.tmp").write_text("".join(kept))
+            (self.dir / "metrics.tmp").replace(self.dir / "metrics.jsonl")  # the old rows stay until the new are whole
+            self.metrics = open(self.dir / "metrics.jsonl", "a")
+            print(
+                f"{self.name}: {self.args.model} ({sum(p.numel() for p in policy.parameters()):,} parameters), "
+                f"{self.world} x {self.device}\n  {description}"
+                + (f", resumed after iteration {self.first_iteration - 1}" if self.args.resume else "")
+                + f" -> {self.dir}"
+            )
+        self.start = self.last_print = time.time() - self.seconds
+        self.said_equal_scores = False
+
+    def clock(self) -> float:
+        """Wall seconds since training began, resumed runs included."""
+        return round(time.time() - self.start, 3)
+
+    def evaluation_due(self, iteration: int, batch_size: int, num_iterations: int) -> bool:
+        """Every --eval-every episodes, before the first update (iteration 0) and after the last."""
+        episodes, every = iteration * batch_size, self.args.eval_every
+        return episodes // every > (episodes - batch_size) // every or iteration in (0, num_iterations)
+
+    def note_equal_scores(self, scores: torch.Tensor, iteration: int) -> None:
+        """Say once on the console when every response of a batch scored the same: such a batch teaches
+        nothing of the task (responses cut off by --max-new-tokens, or a reward that cannot read them)."""
+        low, high = -global_max(-scores.min()), global_max(scores.max())
+        if low == high and not self.said_equal_scores and self.rank == 0:
+            print(f"note: every response at iteration {iteration} scored {high.item():g}: the batch teaches nothing "
+                  "of the task (are the responses cut off, or does the reward not read them?) (said once)")  # fmt: skip
+        self.said_equal_scores |= bool(low == high)
+
+    def log(self, row: dict, *shown: str) -> None:
+        """Append the row to metrics.jsonl (rank 0), and print the keys `shown` of it at least every 10 s."""
+        if self.rank != 0:
+            return
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if time.time() - self.last_print >= 10 or "eval_accuracy" in row or row["iteration"] == 1:
+            self.last_print = time.time()
+            value = lambda k: "n/a" if row.get(k) is None else f"{row[k]:.3f}"
+            print(
+                f"iter {row['iteration']:4d}  episodes {row['episodes']:6d}  "
+                + "  ".join(f"{k.removesuffix('_mean')} {value(k)}" for k in shown)
+                + f"  {row['episodes'] / (time.time() - self.start):.0f} episodes/s"
+                + (f"  eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+            )
+
+    def save(self, row: dict, policy, tok, **numbers) -> None:
+        """Save the policy and, beside it, what --resume needs: the iteration and its clock, `numbers`, the
+        state of what restore() named, and every process's generators. The other processes wait, so a
+        save is never half-written when training goes on."""
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rng_state = (self.rng.getstate(), torch.get_rng_state(), cuda_rng)
+        rng_states = [rng_state] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rng_states, rng_state)
+        if self.rank == 0:
+            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states)
+            state |= {key: value.state_dict() for key, value in self.stateful.items()}
+            save(policy, tok, self.dir / "model", state)
+        if self.world > 1:
+            dist.barrier()
+
+    def finish(self) -> None:
+        """The closing line: eval accuracy before -> after, wall time and speed."""
+        if self.rank == 0:
+            self.metrics.close()
+            rows = (self.dir / "metrics.jsonl").read_text().splitlines()
+            first, last = json.loads(rows[0]), json.loads(rows[-1])
+            print(
+                f"{self.name}: eval_accuracy {first['eval_accuracy']:.3f} -> {last['eval_accuracy']:.3f} in "
+                f"{last['seconds']:.0f}s, {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; "
+                f"model saved to {self.dir / 'model'}"
+            )
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def save(policy, tok, path: Path, state: dict) -> None:
+    """The policy (loadable with from_pretrained) and, beside it, what --resume needs. Written to a
+    temporary folder first, so an interrupted save never destroys the previous one."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save(state, tmp / "training_state.pt")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a save stopped before its last step: path is newer
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
+    write at once, and Python's own handler writes the message and its newline apart, interleaving them.
+    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    try:
+        yield
+    except (SystemExit, FloatingPointError) as e:
+        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        if not isinstance(message, str):
+            raise
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    with one_line_errors():
+        main()
