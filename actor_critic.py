@@ -293,8 +293,8 @@ def batch_stats(batch: dict, per_token: torch.Tensor, batch_size: int) -> dict:
 
 
 # ==== Below: the machinery a reader may skip. ============================================================
-# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
-# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes: the
+# same code in reinforce.py, actor_critic.py, ppo.py and grpo.py (tests/test_task.py checks that it is).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
     """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
     Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the
@@ -533,7 +533,7 @@ def floats(row: dict) -> dict:
     return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
 
 
-# The value head's forward pass (as in actor_critic.py), and the reward model (as in reward_model.py).
+# The policy's and the critic's forward pass (as in ppo.py).
 def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None, entropy=False):
     """log π(a_t | s_t) [B, T] of each response token; if asked, the entropy of π(· | s_t) [B, T] (no
     gradient: it is only logged; else None); and with a value head, V(s_t) [B, T] from the last hidden

@@ -440,8 +440,8 @@ def update_stats(steps: list) -> dict:
 
 
 # ==== Below: the machinery a reader may skip. ============================================================
-# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes; the
-# same code in reinforce.py, actor_critic.py and ppo.py (tests/test_task.py checks that it is).
+# The language model: loading, sampling, log-probs and evaluation, and the statistics over processes: the
+# same code in reinforce.py, actor_critic.py, ppo.py and grpo.py (tests/test_task.py checks that it is).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
     """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
     Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the
@@ -677,7 +677,6 @@ def floats(row: dict) -> dict:
 
 
 # The policy's forward pass (as in reinforce.py).
-# The policy's forward pass (as in grpo.py).
 def token_logprobs(policy, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
     """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
     it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's

@@ -7,7 +7,7 @@ reinforcement learning has room to improve: the policy already puts some probabi
 right answer (REINFORCE cannot learn from a reward it never sees) but is far from perfect.
 Half of the training examples have a one-digit operand ("7+45=", "3+4="), although only 19% of
 all pairs do, so that the early stop leaves a policy about as good on every prompt format (see
-the README: on the natural mix RL stalls near 0.8, on the formats the start had barely learned).
+benchmarks/NOTEBOOK.md: on the natural mix RL stalls near 0.8, on the formats the start had barely learned).
 
     python sft.py                        # rebuilds checkpoints/sft-addition/ in about a minute
 
