@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import reinforce as R
-from tiny import TabularPolicy, all_responses, prefixes, response_batch, run_script
+from tiny import (
+    TabularPolicy,
+    all_responses,
+    assert_one_error_line_before_any_work,
+    exit_message,
+    prefixes,
+    response_batch,
+    run_script,
+)
 
 RESPONSES = all_responses()
 N_PREFIXES = len(prefixes())
@@ -264,19 +272,20 @@ def test_runs_copied_alone_on_a_llama_whose_tokenizer_has_no_pad_token(tmp_path)
     assert [r["episodes"] for r in rows] == [0, 64] and "eval_accuracy" in rows[-1]
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--learning-rate", "-1"], "--learning-rate"),
-        (["--baseline", "leave-one-out", "--samples-per-prompt", "1"], "leave-one-out"),
-        (["--baseline", "median"], "baseline"),
-        (["--no-such-flag", "1"], "no-such-flag"),
-        (["--model", "/nonexistent/model"], "/nonexistent/model"),
-        (["--temperature", "0"], "--temperature"),
-    ],
-)
-def test_bad_input_is_one_error_line_and_a_nonzero_exit(tmp_path, flags, message):
-    proc, _ = run_script("reinforce.py", *flags, out_dir=tmp_path, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
-    assert not (tmp_path / "metrics.jsonl").exists()
+@pytest.mark.parametrize("flags, message", [
+    (["--learning-rate", "-1"], "--learning-rate"),
+    (["--baseline", "leave-one-out", "--samples-per-prompt", "1"], "leave-one-out"),
+    (["--baseline", "median"], "baseline"),
+    (["--no-such-flag", "1"], "no-such-flag"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--temperature", "0"], "--temperature"),
+])  # fmt: skip
+def test_bad_input_is_one_error_line_before_any_work(tmp_path, monkeypatch, capsys, flags, message):
+    argv = ["reinforce.py", "--total-episodes", "1", *flags, "--output-dir", str(tmp_path / "run")]
+    assert_one_error_line_before_any_work(exit_message(monkeypatch, R.main, argv), message, capsys, tmp_path / "run")
+
+
+def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(tmp_path):
+    proc, _ = run_script("reinforce.py", "--temperature", "0", out_dir=tmp_path / "run", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --temperature must be > 0"]
+    assert not (tmp_path / "run").exists()
