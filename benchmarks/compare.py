@@ -9,7 +9,7 @@ and reports, per algorithm:
   - the learning curves, eval accuracy against episodes and against wall seconds, mean over seeds
     with the min..max range shaded: curves.png (needs matplotlib: pip install matplotlib).
 
-    python benchmarks/compare.py               # 4 algorithms x seeds 1 2 3 x 102,400 episodes: 45 min on 2 cores
+    python benchmarks/compare.py               # 4 algorithms x seeds 1 2 3 x 102,400 episodes: 40 min on 2 cores
     python benchmarks/compare.py --quick       # 1 seed x 512 episodes into a temporary directory: a smoke test
     python benchmarks/compare.py --skip-runs   # re-tabulate and re-plot the runs already in --runs-dir
     python benchmarks/compare.py --algos ppo reinforce --seeds 4 5
