@@ -434,11 +434,11 @@ def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, polic
     pad_pair = next(p for p in sft.EVAL_PAIRS if sum(p) == 46)
     wrong[pad_pair] = tok("4")["input_ids"] + [tok.pad_token_id] + tok("6")["input_ids"] + [tok.eos_token_id]
     odd_share = sum((a + b) % 2 for a, b in sft.EVAL_PAIRS) / 500
-    for module in scripts:
-        for size in (500, 64):
-            args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=size, chat=False)
-            assert module.evaluate(Oracle(tok), tok, args) == {"eval_accuracy": 1.0, "eval_reward_sampled": 1.0}
-            assert module.evaluate(Oracle(tok, wrong), tok, args)["eval_accuracy"] == odd_share
+    module = scripts[0]  # evaluate and what it reads are the same in every script (the same-code test)
+    for size in (500, 64):
+        args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=size, chat=False)
+        assert module.evaluate(Oracle(tok), tok, args) == {"eval_accuracy": 1.0, "eval_reward_sampled": 1.0}
+        assert module.evaluate(Oracle(tok, wrong), tok, args)["eval_accuracy"] == odd_share
     assert sft.greedy_accuracy(Oracle(tok, wrong), tok, sft.EVAL_PAIRS, 6) == odd_share
 
 
