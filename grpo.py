@@ -17,9 +17,11 @@ over responses as the paper, or by a constant as Dr. GRPO) and k_t is a per-toke
 (--kl-penalty: k3 as the paper or k2 in the loss; or k1 taken out of the loss and put in the reward, as ppo.py).
 What GRPO keeps from PPO: the ratio and its clip over several updates of one batch. What it drops: the critic
 and GAE; a prompt costs G samples instead of one sample and a value model. The defaults are the choices that
-tests/test_grpo.py proves unbiased (see docs/grpo.md); the paper's GRPO is
+tests/test_grpo.py proves keep the step along ∇J (token averaging only as the batch grows; docs/grpo.md); the
+paper's GRPO is
 
-    python grpo.py --baseline group-mean --scale-advantages group --loss-aggregation sequence --kl-penalty k3-loss
+    python grpo.py --baseline group-mean --scale-advantages group --loss-aggregation sequence \
+        --kl-coef 0.04 --kl-penalty k3-loss
 
     python grpo.py                              # the embedded addition policy, a few minutes on a CPU
     torchrun --nproc-per-node 8 grpo.py ...     # the same algorithm, data-parallel over 8 GPUs
@@ -167,8 +169,9 @@ def group_advantages(
     std + 1e-6 a small nonzero (−1.4e-11), and a real deviation over a zero std + 1e-6 is ±1e6. Such a group
     carries no signal: it is zeroed explicitly. Any other group has some r_i − mean ≠ 0 (floating-point subtraction is 0
     only for equal numbers); the deviations are divided by the largest of them before they are squared, so the
-    std cannot underflow to 0 (scores 0 and 1e-300 give ±0.71, not ±inf) and |A_i| ≤ √(G − 1) (group-mean),
-    (G − 1)/√G up to rounding. With G = 1, group-mean gives 0; leave-one-out needs G ≥ 2."""
+    std cannot underflow to 0 (scores 0 and 1e-300 give ±0.71, not ±inf) and |A_i| ≤ √(G − 1) whatever the
+    rounding, (G − 1)/√G in exact arithmetic (group-mean; leave-one-out G/(G − 1) times these). With G = 1,
+    group-mean gives 0; leave-one-out needs G ≥ 2."""
     G = scores.shape[-1]
     if baseline not in ("group-mean", "leave-one-out"):
         raise ValueError(f"baseline must be 'group-mean' or 'leave-one-out', not {baseline!r}")
@@ -373,8 +376,8 @@ def main() -> None:
             #    rate decays linearly to 0, so the last batches move the policy little.
             steps = []
             if iteration > 0:
-                for group in optimizer.param_groups:
-                    group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
                 learner.train()  # only gradient checkpointing cares: dropout is off
                 for epoch in range(args.ppo_epochs):
                     for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
@@ -404,7 +407,7 @@ def batch_stats(batch: dict, rewards: torch.Tensor, group_size: int) -> dict:
     row = {
         "reward_mean": global_sum(rewards.sum()) / n,  # score − β·KL with the KL in the reward, else the score
         "score_mean": global_sum(scores.sum()) / n,
-        # The share of groups whose scores are all equal: their advantages are 0, they teach nothing.
+        # The share of groups whose scores are all equal: with no KL in the reward their advantages are 0.
         "equal_score_groups": global_sum((groups == groups[:, :1]).all(1).sum()) / (n / group_size),
         "advantage_std": (global_sum(batch["advantages"].pow(2).sum()) / n).sqrt(),  # their mean is 0
         "entropy": masked_mean(batch["entropy"], mask),
