@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, Llama4ForCausalLM, Llama4TextConfig
 
-from tiny import CHECKPOINT, run_main, score_alone, tiny_model
+from tiny import CHECKPOINT, SMALL_RUN, assert_rendered_by_the_chat_template, run_main, score_alone, tiny_model
 
 SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
 LOADING = [*SCRIPTS, "reward_model"]  # every script that loads a policy
@@ -111,7 +111,7 @@ def test_a_policy_whose_logits_go_nan_stops_naming_the_iteration_and_keeps_the_l
                     p.fill_(float("nan"))
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
-    flags = [*CHAT_RUN[name], "--max-new-tokens", "3", "--total-episodes", "80", "--eval-every", "100000"]
+    flags = [*SMALL_RUN[name], "--max-new-tokens", "3", "--total-episodes", "80", "--eval-every", "100000"]
     with pytest.raises(SystemExit) as exited:
         run_main(module, *flags, "--output-dir", str(tmp_path))
     message = exited.value.code
@@ -259,31 +259,22 @@ def test_chat_needs_a_chat_template():
     assert exited.value.code == f"error: --chat: the tokenizer of {CHECKPOINT} has no chat template"
 
 
-CHAT_RUN = {
-    "reinforce": ["--num-prompts", "4", "--samples-per-prompt", "2"],
-    "actor_critic": ["--num-prompts", "8"],
-    "ppo": ["--num-prompts", "8", "--num-minibatches", "1", "--ppo-epochs", "1"],
-    "grpo": ["--num-prompts", "4", "--group-size", "2", "--num-minibatches", "1", "--ppo-epochs", "1"],
-}
-
-
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_trains_on_chat_prompts_sampled_from_the_template(chat_model, name, tmp_path, monkeypatch):
     """With --chat, every sampled sequence starts with the template: one BOS, the user's message, the
     assistant's marker; `reward` still judges the task's own prompt; and the run ends with a save."""
     module = importlib.import_module(name)
-    sample, seen = module.sample, []
-    monkeypatch.setattr(
-        module, "sample", lambda policy, tok, prompts, *a: seen.append(prompts) or sample(policy, tok, prompts, *a)
-    )
+    sample, sampled = module.sample, []
+    monkeypatch.setattr(module, "sample", lambda *a: sampled.append(sample(*a)) or sampled[-1])
     rewarded, reward = [], module.reward
     monkeypatch.setattr(module, "reward", lambda prompt, *a: rewarded.append(prompt) or reward(prompt, *a))
-    flags = [*CHAT_RUN[name], "--chat", "--model", str(chat_model), "--max-new-tokens", "3", "--total-episodes", "16"]
+    flags = [*SMALL_RUN[name], "--chat", "--model", str(chat_model), "--max-new-tokens", "3", "--total-episodes", "16"]
     rows = run_main(module, *flags, "--output-dir", str(tmp_path))
     assert [r["iteration"] for r in rows][-1] > 0 and (tmp_path / "model" / "training_state.pt").exists()
-    assert all(p[0]["role"] == "user" for prompts in seen for p in prompts) and all(
-        isinstance(p, str) for p in rewarded
-    )
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    for ids, attn, n_prompt, *_ in sampled:  # training batches and evaluations alike
+        assert_rendered_by_the_chat_template(tok, ids, attn, n_prompt)
+    assert rewarded and all(isinstance(p, str) and p.endswith("=") for p in rewarded)
 
 
 def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, tmp_path, monkeypatch):
@@ -296,21 +287,20 @@ def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, t
     flags += ["--calibration-samples", "8", "--inference-batch-size", "32", "--max-new-tokens", "2"]
     monkeypatch.setattr(rm, "preference", lambda first, second: (first, second))  # a random model is never right
     monkeypatch.setattr("sys.argv", ["reward_model.py", *flags, "--output-dir", str(tmp_path / "rm")])
+    sample, sampled = rm.sample, []
+    monkeypatch.setattr(rm, "sample", lambda *a: sampled.append(sample(*a)) or sampled[-1])
     rm.main()
-    scored, score = [], ppo.reward_model_scores
+    scored, score, ppo_sample = [], ppo.reward_model_scores, ppo.sample
     monkeypatch.setattr(ppo, "reward_model_scores", lambda *a: scored.append(a[1:3]) or score(*a))
-    flags = [*CHAT_RUN["ppo"], "--chat", "--model", str(chat_model), "--max-new-tokens", "3", "--total-episodes", "8"]
+    monkeypatch.setattr(ppo, "sample", lambda *a: sampled.append(ppo_sample(*a)) or sampled[-1])
+    flags = [*SMALL_RUN["ppo"], "--chat", "--model", str(chat_model), "--max-new-tokens", "3", "--total-episodes", "8"]
     run_main(ppo, *flags, "--reward-model", str(tmp_path / "rm"), "--output-dir", str(tmp_path / "ppo"))
     tok = AutoTokenizer.from_pretrained(chat_model)
-    head = tok.convert_tokens_to_ids(["<bos>", "<|user|>"])
-    for ids, attn in scored:
-        for row, keep in zip(ids, attn.bool()):
-            sequence = row[keep].tolist()
-            assert (
-                sequence[:2] == head
-                and sequence.count(tok.bos_token_id) == 1
-                and tok.convert_tokens_to_ids("<|assistant|>") in sequence
-            )
+    for ids, attn, n_prompt, *_ in sampled:  # reward_model.py's pairs, then ppo.py's batches
+        assert_rendered_by_the_chat_template(tok, ids, attn, n_prompt)
+    assert scored and all(
+        any(torch.equal(ids, s[0]) and torch.equal(attn, s[1]) for s in sampled) for ids, attn in scored
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -318,7 +308,7 @@ def test_a_batch_whose_scores_are_all_equal_is_said_once(name, tmp_path, capsys)
     """One new token: every response is cut off and scores 0, so no batch teaches anything; the console says
     so once, at the first such iteration, not every iteration."""
     module = importlib.import_module(name)
-    flags = [*CHAT_RUN[name], "--max-new-tokens", "1", "--total-episodes", "32", "--eval-every", "100000"]
+    flags = [*SMALL_RUN[name], "--max-new-tokens", "1", "--total-episodes", "32", "--eval-every", "100000"]
     run_main(module, *flags, "--output-dir", str(tmp_path))
     out = capsys.readouterr().out
     assert out.count("note: every response at iteration 0 scored 0:") == 1 and out.count("note:") == 1

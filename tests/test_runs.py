@@ -12,28 +12,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tiny import ROOT, run_main
+from tiny import ROOT, SMALL_RUN, exit_message, run_main
 
 SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
-SMALL = {
-    "reinforce": ["--num-prompts", "4", "--samples-per-prompt", "2"],
-    "actor_critic": ["--num-prompts", "8"],
-    "ppo": ["--num-prompts", "8", "--num-minibatches", "1", "--ppo-epochs", "1"],
-    "grpo": ["--num-prompts", "4", "--group-size", "2", "--num-minibatches", "1", "--ppo-epochs", "1"],
-}
 RM_SMALL = ["--num-pairs", "6", "--eval-pairs", "2", "--epochs", "1", "--calibration-samples", "8"]
 
 
 def small_run(name: str, out_dir, *flags) -> list[dict]:
-    flags = [*SMALL[name], "--max-new-tokens", "3", "--total-episodes", "8", *flags, "--output-dir", str(out_dir)]
+    flags = [*SMALL_RUN[name], "--max-new-tokens", "3", "--total-episodes", "8", *flags, "--output-dir", str(out_dir)]
     return run_main(importlib.import_module(name), *flags)
-
-
-def exit_code(monkeypatch, main, argv: list[str]):
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code
 
 
 # ---- Nothing a user made is lost ----
@@ -44,8 +31,8 @@ def test_a_run_into_a_folder_that_holds_a_run_stops_before_any_work_and_says_how
     with --overwrite it replaces it."""
     small_run(name, tmp_path)
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    argv = [f"{name}.py", *SMALL[name], "--seed", "2", "--output-dir", str(tmp_path)]
-    message = exit_code(monkeypatch, importlib.import_module(name).main, argv)
+    argv = [f"{name}.py", *SMALL_RUN[name], "--seed", "2", "--output-dir", str(tmp_path)]
+    message = exit_message(monkeypatch, importlib.import_module(name).main, argv)
     assert message == (
         f"error: --output-dir {tmp_path} holds a run (metrics.jsonl, model): continue it with --resume {tmp_path}, "
         "write to another --output-dir, or replace it with --overwrite"
@@ -59,7 +46,7 @@ def test_a_run_into_a_folder_that_holds_a_run_stops_before_any_work_and_says_how
 def test_an_output_dir_that_is_a_file_is_one_error_line(name, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     argv = [f"{name}.py", "--output-dir", str(tmp_path / "notes.txt")]
-    message = exit_code(monkeypatch, importlib.import_module(name).main, argv)
+    message = exit_message(monkeypatch, importlib.import_module(name).main, argv)
     assert message == f"error: --output-dir {tmp_path / 'notes.txt'} is a file, not a folder"
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -78,7 +65,7 @@ def test_reward_model_py_replaces_a_reward_model_only_with_overwrite(tmp_path, m
     monkeypatch.setattr(sys, "argv", ["reward_model.py", *RM_SMALL, "--output-dir", str(tmp_path)])
     rm.main()
     before = (tmp_path / "model.safetensors").read_bytes()
-    message = exit_code(
+    message = exit_message(
         monkeypatch, rm.main, ["reward_model.py", *RM_SMALL, "--seed", "2", "--output-dir", str(tmp_path)]
     )
     assert message == (

@@ -2,10 +2,12 @@
 same code and to do what the scripts rely on (the sampler, the stop tokens, the reward rule, the
 memory-lean log-probs, gradient checkpointing, resume, bad input); and the embedded starting policy."""
 
+import ast
 import importlib
 import inspect
 import math
 import shutil
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -184,15 +186,15 @@ def chi_square_quantile(df: int, z: float = 4.753) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
 @pytest.mark.parametrize("vocab, block", [(10, 4), (10, 1024), (12, 3)])
-def test_sample_token_draws_each_row_from_the_softmax_of_its_own_logits_over_the_temperature(name, vocab, block):
+def test_sample_token_draws_each_row_from_the_softmax_of_its_own_logits_over_the_temperature(vocab, block):
     """200,000 rows of four different distributions, interleaved: each distribution's draws pass a chi-square
     test against its own softmax(logits/T) (p > 1e-6; the generator is seeded, so the outcome is fixed), and a
     token of logit −inf is never drawn. The four: spread out, nearly uniform, most mass on the last token (in
-    the short last block), and several tokens at −inf. Both stages of the sampler are exercised: several
-    blocks and a short last one; and a row drawn by another row's distribution fails."""
-    module = importlib.import_module(name)
+    the last block), and several tokens at −inf. Both stages of the sampler are exercised: several blocks, a
+    short last one (10, 4), one block (10, 1024), blocks that divide the vocabulary (12, 3); and a row drawn by
+    another row's distribution fails. sample_token is the same code in every script (the same-code test)."""
+    module = importlib.import_module(SCRIPTS[0])
     gen = torch.Generator().manual_seed(0)
     kinds = torch.stack([torch.randn(vocab, generator=gen) * 2, torch.randn(vocab, generator=gen) * 0.1,
                          torch.randn(vocab, generator=gen), torch.randn(vocab, generator=gen) * 2])  # fmt: skip
@@ -503,9 +505,19 @@ def test_resume_takes_no_other_flag_and_needs_a_saved_run(name, monkeypatch, cap
 def test_help_lists_every_flag_with_its_docstring(scripts, monkeypatch, capsys):
     for module in scripts:
         assert exit_message(monkeypatch, module.main, [module.__name__ + ".py", "--help"]) == 0
-        shown = capsys.readouterr().out
-        for field in module.Args.__dataclass_fields__:
+        shown = " ".join(capsys.readouterr().out.split())  # tyro wraps the help text to the terminal
+        docstrings = field_docstrings(module.Args)
+        assert docstrings.keys() == module.Args.__dataclass_fields__.keys()  # every flag has its docstring
+        for field, docstring in docstrings.items():
             assert "--" + field.replace("_", "-") in shown
+            assert " ".join(docstring.split()[:4]) in shown, field
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """The string under each field of a dataclass, where tyro reads its help."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}  # fmt: skip
 
 
 # ---- The starting policy ----

@@ -22,6 +22,24 @@ CHAT_TEMPLATE = (
 )
 
 
+# The smallest batch of each script that takes a gradient step: for the runs that test plumbing, not learning.
+SMALL_RUN = {
+    "reinforce": ["--num-prompts", "4", "--samples-per-prompt", "2"],
+    "actor_critic": ["--num-prompts", "8"],
+    "ppo": ["--num-prompts", "8", "--num-minibatches", "1", "--ppo-epochs", "1"],
+    "grpo": ["--num-prompts", "4", "--group-size", "2", "--num-minibatches", "1", "--ppo-epochs", "1"],
+}
+
+
+def assert_rendered_by_the_chat_template(tok, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int) -> None:
+    """Each row's prompt (its real tokens before column n_prompt) is a conversation as CHAT_TEMPLATE renders it
+    with the generation prompt: one BOS, the user's marker, ..., the assistant's marker."""
+    head, tail = tok.convert_tokens_to_ids(["<bos>", "<|user|>"]), tok.convert_tokens_to_ids("<|assistant|>")
+    for row, keep in zip(ids[:, :n_prompt], attn[:, :n_prompt].bool()):
+        prompt = row[keep].tolist()
+        assert prompt[:2] == head and prompt[-1] == tail and prompt.count(tok.bos_token_id) == 1, tok.decode(prompt)
+
+
 def tiny_model(path: Path, arch: str = "gpt2", pad_token: bool = True, padding_side: str = "right",
                dtype: torch.dtype = torch.float32, seed: int = 0, stop_ids: tuple[int, ...] = (),
                dropout: float = 0.0, extra_rows: int = 0, chat: bool = False) -> Path:  # fmt: skip
