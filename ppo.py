@@ -49,8 +49,13 @@ import torch
 import torch.distributed as dist
 import tyro
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    StaticCache,
+)
 from transformers.utils import logging as hf_logging
 
 from gae import gae
@@ -123,9 +128,12 @@ class Args:
     micro_batch_size: int = 64
     """responses per forward/backward pass of the update; gradients accumulate over micro-batches"""
     inference_batch_size: int = 256
-    """responses per pass without gradients: sampling, π_old, π_ref, V_old, the reward model, evaluation"""
+    """responses per pass without gradients: sampling, π_ref, the reward model, evaluation (π_old and V_old take the
+    update's micro-batches)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
+    cuda_graphs: bool = True
+    """on a GPU, replay each decoding step as a CUDA graph: the same tokens, without a kernel launch per operation"""
 
 
 # ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
@@ -210,16 +218,18 @@ def rollout(agent, tok, prompts: list[str], args: Args, ref_policy, reward_model
     π_old on its tokens. Returns the batch, a dict of tensors with a row per response, and the prompt width."""
     size, temperature = args.inference_batch_size, args.temperature
     model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
-    ids, attn, n_prompt, mask, finished = sample(
-        agent.policy, tok, model_prompts, args.max_new_tokens, temperature, size
-    )
+    ids, attn, n_prompt, mask, finished = sample(agent.policy, tok, model_prompts, args.max_new_tokens, temperature,
+                                                 size, cuda_graph=args.cuda_graphs)  # fmt: skip
     texts = decode(tok, ids[:, n_prompt:], mask, finished)
     gold = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
     scores = gold if reward_model is None else reward_model_scores(reward_model, ids, attn, size)
     batch = dict(ids=ids, attn=attn, mask=mask, scores=scores - args.missing_eos_penalty * ~finished, gold=gold)
-    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
-    passes = [agent(ids[c], attn[c], n_prompt, temperature, entropy=True) for c in chunks]
+    # π_old in passes of the update's micro-batch shape: the same kernels, so r_t = 1 exactly before the first step.
+    rows = min(args.micro_batch_size, len(prompts) // args.num_minibatches)
+    micro = [slice(i, i + rows) for i in range(0, len(prompts), rows)]
+    passes = [agent(ids[c], attn[c], n_prompt, temperature, entropy=True) for c in micro]
     batch["logp_old"], batch["entropy"], batch["values_old"] = (torch.cat(x) for x in zip(*passes))
+    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
     batch["logp_ref"] = torch.cat([forward(ref_policy, ids[c], attn[c], n_prompt, temperature)[0] for c in chunks])
     return batch, n_prompt
 
@@ -432,67 +442,53 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Per row, index i with probability w_i / Σ_j w_j: the first i with c_i ≥ u, c the cumulative
-    sum (float64) and u uniform on (0, c_last]. An entry of weight 0 is never chosen."""
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, index i with probability w_i / Σ_j w_j: the first i with c_i ≥ (1 − u)·c_last, c the cumulative
+    sum (float64) and u [rows] uniform on [0, 1). An entry of weight 0 is never chosen."""
     c = weights.double().cumsum(-1)
-    u = (1 - torch.rand(len(c), 1, dtype=c.dtype, device=c.device, generator=generator)) * c[:, -1:]
-    return torch.searchsorted(c, u).squeeze(-1)
+    return torch.searchsorted(c, (1 - u[:, None]) * c[:, -1:]).squeeze(-1)
 
 
-def sample_token(logits: torch.Tensor, temperature: float, generator=None, block: int = 1024) -> torch.Tensor:
-    """One token per row of logits [B, V] from softmax(logits / T), exactly, and overwriting logits to
-    save a copy. The CDF is inverted in two stages, a block of `block` tokens by the blocks' mass, then
-    a token within it: two random numbers per row. torch.multinomial draws one per vocabulary entry, which
-    with 150,000 tokens on a CPU costs more than the forward pass (docs/scaling.md); and one float32 cumulative
-    sum over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
+def sample_token(logits: torch.Tensor, temperature: float, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """One token per row of logits [B, V] from softmax(logits / T), exactly, given two uniform numbers per row
+    u [2, B], and overwriting logits to save a copy. The CDF is inverted in two stages, a block of `block` tokens
+    by the blocks' mass (u[0]), then a token within it (u[1]). torch.multinomial draws one number per vocabulary
+    entry, which with 150,000 tokens on a CPU costs more than the forward pass (docs/scaling.md); and one float32
+    cumulative sum over the vocabulary would round tokens lighter than 6e-8 of the mass to probability 0."""
     p = logits.div_(temperature)
     p = p.sub_(p.amax(-1, keepdim=True)).exp_()  # softmax without its normaliser, which cancels
     n, vocab = p.shape
     block = min(block, vocab)
     full = vocab - vocab % block  # the last block may be short
     mass = torch.cat([p[:, :full].view(n, -1, block).sum(-1), p[:, full:].sum(-1, keepdim=True)], 1)
-    columns = inverse_cdf(mass, generator)[:, None] * block + torch.arange(block, device=p.device)
+    columns = inverse_cdf(mass, u[0])[:, None] * block + torch.arange(block, device=p.device)
     within = torch.where(columns < vocab, p.gather(1, columns.clamp(max=vocab - 1)), 0.0)
     # A row of NaN or all −inf has no distribution; its id stays in range (sample reports the row).
-    return columns.gather(1, inverse_cdf(within, generator)[:, None]).squeeze(-1).clamp(max=vocab - 1)
+    return columns.gather(1, inverse_cdf(within, u[1])[:, None]).squeeze(-1).clamp(max=vocab - 1)
 
 
 @torch.no_grad()
 def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float, batch_size: int, greedy=False,
-           generator=None):  # fmt: skip
+           generator=None, cuda_graph=False):  # fmt: skip
     """Left-padded sampling with a KV cache, batch_size prompts at a time. A prompt is text, or a conversation
     (a list of {"role", "content"} messages) for the chat template (see prompt_ids). Returns the token ids
     [B, P+T], the attention mask [B, P+T] (exactly the one training uses), the prompt width P, the response
     mask [B, T] (1 on every generated token up to and including the first stop token, 0 after it) and whether
     each response ended on a stop token [B] (False: it was cut off). The stop tokens are
     generation_config.eos_token_id, where load_policy put the tokenizer's EOS too. Logits that are NaN or inf
-    for a response still being written raise FloatingPointError: there is no distribution to sample."""
+    for a response still being written raise FloatingPointError: there is no distribution to sample. With
+    cuda_graph (on a GPU), each decoding step after the first replays a CUDA graph of it: the same ids."""
     encoded = [prompt_ids(tok, prompt) for prompt in prompts]
     width = max(map(len, encoded))
     prompt_ids_ = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded], device=model.device)
     prompt_attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
     stops = torch.tensor(model.generation_config.eos_token_id, device=model.device)
-    broken = torch.zeros((), dtype=torch.bool, device=model.device)
-    responses = []
+    finite, responses = torch.ones((), dtype=torch.bool, device=model.device), []
     for ids, attn in zip(prompt_ids_.split(batch_size), prompt_attn.split(batch_size)):
-        pos, cache, tokens = positions(attn), None, []
-        alive = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            step = dict(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
-            with autocast(ids.device):
-                out = model(**step, logits_to_keep=1)
-            cache, logits = out.cache, out.logits[:, -1, : model.token_id_limit].float()  # ids that are tokens
-            broken |= (alive & ~logits.amax(-1).isfinite()).any()  # NaN, +inf, or no token possible (all −inf)
-            next_token = logits.argmax(-1) if greedy else sample_token(logits, temperature, generator)
-            tokens.append(torch.where(alive, next_token, tok.pad_token_id))
-            attn = torch.cat([attn, alive.long()[:, None]], 1)
-            alive &= ~torch.isin(next_token, stops)
-            if not alive.any():
-                break
-            ids, pos = next_token[:, None], pos[:, -1:] + 1
-        responses.append(torch.stack(tokens, 1))
-    if broken:
+        decoder = Decoder(model, ids, attn, stops, max_new_tokens, temperature, greedy, generator, tok.pad_token_id)
+        responses.append(decoder.run(cuda_graph and model.device.type == "cuda"))
+        finite &= decoder.finite
+    if not finite:
         raise FloatingPointError("the policy's logits are NaN or inf")
     width = max(r.shape[1] for r in responses)
     response = torch.cat(
@@ -502,6 +498,102 @@ def sample(model, tok, prompts: list, max_new_tokens: int, temperature: float, b
     mask = stopped.cumsum(1) - stopped.long() == 0  # no stop token before t
     ids, attn = torch.cat([prompt_ids_, response], 1), torch.cat([prompt_attn, mask.long()], 1)
     return ids, attn, prompt_ids_.shape[1], mask, stopped.any(1)
+
+
+class Decoder:
+    """The sampling loop of one batch of left-padded prompts [n, P]: the prompt in one pass, then a token per step.
+    Everything a step reads or writes is a tensor of fixed shape on the device, updated in place: the KV cache is
+    static (room for P + max_new_tokens positions, the attention mask as long), the step index t lives on the
+    device, and every step's two uniform numbers per row are drawn up front. So a step can be captured once as a
+    CUDA graph and replayed: one launch instead of one per kernel (a GPU otherwise idles while Python launches a
+    few hundred small kernels per token), computing exactly what the step computes when called."""
+
+    def __init__(self, model, ids, attn, stops, max_new_tokens: int, temperature: float, greedy: bool, generator,
+                 pad_token_id: int):  # fmt: skip
+        (n, self.width), device = ids.shape, ids.device
+        self.model, self.ids, self.attn, self.stops, self.steps = model, ids, attn, stops, max_new_tokens
+        self.temperature, self.greedy = temperature, greedy
+        self.generator = generator or default_generator(device)
+        self.rng_state = self.generator.get_state()
+        # u[t] holds step t's two numbers per row, in the order drawing them step by step would give them.
+        self.u = None if greedy else torch.rand(max_new_tokens, 2, n, dtype=torch.float64, device=device,
+                                                generator=self.generator)  # fmt: skip
+        self.cache = StaticCache(config=model.config, max_cache_len=self.width + max_new_tokens)
+        self.attention = torch.cat([attn, attn.new_zeros(n, max_new_tokens)], 1)  # a column per position to come
+        self.tokens = ids.new_full((n, max_new_tokens), pad_token_id)
+        self.pad = torch.tensor(pad_token_id, device=device)
+        self.alive = torch.ones(n, dtype=torch.bool, device=device)  # no stop token sampled yet
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # every logit a live row was drawn from
+        self.t = torch.zeros((), dtype=torch.long, device=device)
+        self.steps_run = torch.zeros((), dtype=torch.long, device=device)  # steps with some row still alive
+        self.last, self.position = ids[:, -1:].clone(), positions(attn)[:, -1:].clone()
+        self.head = model.get_output_embeddings()
+        self.head_weights = None  # set under autocast, in run()
+
+    def pick(self, hidden: torch.Tensor) -> None:
+        """Token t of every row from the last hidden states [n, H]; a row that has stopped gets padding."""
+        logits = lm_head_logits(hidden, *self.head_weights)  # [n, V] over the ids that are tokens, float32
+        self.finite &= ~(self.alive & ~logits.amax(-1).isfinite()).any()  # NaN, +inf, or all −inf
+        if self.greedy:
+            token = logits.argmax(-1)
+        else:
+            token = sample_token(logits, self.temperature, self.u.index_select(0, self.t.view(1))[0])
+        token = torch.where(self.alive, token, self.pad)
+        self.tokens.index_copy_(1, self.t.view(1), token[:, None])
+        self.attention.index_copy_(1, (self.t + self.width).view(1), self.alive.long()[:, None])
+        self.steps_run += self.alive.any()
+        self.alive &= ~torch.isin(token, self.stops)
+        self.last.copy_(token[:, None])
+        self.position += 1
+        self.t += 1
+
+    def step(self) -> None:
+        """The next token, from the last one and the cache."""
+        out = self.model.base_model(input_ids=self.last, attention_mask=self.attention, position_ids=self.position,
+                                    cache=self.cache, use_cache=True)  # fmt: skip
+        self.pick(out.last_hidden_state[:, -1])
+
+    def run(self, cuda_graph: bool, check_every: int | None = None) -> torch.Tensor:
+        """The responses [n, T], T the steps until every row stopped (at most max_new_tokens). Whether any row is
+        alive is asked every `check_every` steps: by default after every step on a CPU, every 8 on a GPU, where
+        asking waits for the GPU; the steps run in between write padding and are cut off. The generator ends
+        where drawing step by step would have left it. With cuda_graph, steps 2 on replay a CUDA graph."""
+        every = check_every or (1 if self.ids.device.type == "cpu" else 8)
+        graph = None
+        with autocast(self.ids.device):  # once: the weights are cast to bf16 once, not at every step
+            limit, bias = self.model.token_id_limit, self.head.bias
+            self.head_weights = (self.head.weight[:limit].to(head_dtype(self.head, self.ids.device)),
+                                 None if bias is None else bias[:limit])  # fmt: skip
+            prompt = dict(input_ids=self.ids, attention_mask=self.attention, position_ids=positions(self.attn))
+            out = self.model.base_model(**prompt, cache=self.cache, use_cache=True)
+            self.pick(out.last_hidden_state[:, -1])
+            for i in range(1, self.steps):
+                if i % every == 0 and not self.alive.any():
+                    break
+                if cuda_graph and i == 2:  # step 1 ran as is: a warm-up
+                    graph = capture(self.step)
+                graph.replay() if graph is not None else self.step()
+        steps_run = int(self.steps_run)
+        if not self.greedy:
+            self.generator.set_state(self.rng_state)
+            torch.rand(steps_run, 2, len(self.ids), dtype=torch.float64, device=self.ids.device,
+                       generator=self.generator)  # fmt: skip
+        return self.tokens[:, :steps_run]
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator torch.rand draws from on `device` when given none."""
+    if device.type != "cuda":
+        return torch.default_generator
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def capture(step) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of step(), recorded without running it: each replay runs its kernels on the tensors it used."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 def prompt_ids(tok, prompt) -> list[int]:
@@ -529,33 +621,94 @@ def decode(tok, response_ids: torch.Tensor, response_mask: torch.Tensor, finishe
 LOGITS_PER_CHUNK = 2**25  # 128 MiB in float32: the most of the LM head's output that exists at once
 
 
-def logprob_chunk(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
-    z = lm_head(hidden)[:, :token_id_limit]  # only the tokenizer's ids have probability, as when sampling
-    z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
-    log_normaliser = z.logsumexp(-1)
-    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - log_normaliser  # log π(a|s) = z_a/T − logsumexp(z/T)
-    if not entropy:
-        return logp, torch.empty(0)
-    with torch.no_grad():  # the entropy is only logged; a −inf logit has probability 0 and adds 0, not 0·(−inf)
-        z = z.clamp(min=torch.finfo(z.dtype).min)
-        return logp, log_normaliser - (z.softmax(-1) * z).sum(-1)  # H = logsumexp(z/T) − E_π[z/T]
+def head_dtype(lm_head, device: torch.device) -> torch.dtype:
+    """The dtype the LM head's product runs in: autocast's (bf16) where it is on, else the weight's own."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else lm_head.weight.dtype
+
+
+def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b. Of bf16 matrices, in float32, never rounded to bf16: their products are exact in float32, and the GPU's
+    tensor cores sum them in float32 and return that (torch.mm's out_dtype); a CPU does the same sums in float32."""
+    with torch.autocast(a.device.type, enabled=False):
+        if a.dtype != torch.bfloat16:
+            return a @ b
+        return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """z = h·Wᵀ + b [N, V] in float32 (float64 stays), from hidden states [N, H] and the head's weight in the dtype
+    the product runs in (head_dtype). Autocast's own LM head would round z to bf16: a logit near 20 moves in steps
+    of 0.125, as wide as PPO's clip after T = 0.5."""
+    z = product(hidden.to(weight.dtype), weight.t())
+    return z if bias is None else z + bias.to(z.dtype)
+
+
+class LMHeadLogProbs(torch.autograd.Function):
+    """log π(a | s) = z_a/T − logsumexp(z/T) of each token a [N] after each hidden state h(s) [N, H], z = h·Wᵀ + b
+    (lm_head_logits), and if asked the entropy H(π(· | s)) = logsumexp(z/T) − E_π[z/T], without gradient. The
+    head runs on `columns` ids at a time, joined by a running logsumexp, so no [N, V] tensor exists at once (with
+    V = 150,000, a float32 [N, V] takes 0.6 MB per token); the backward pass recomputes each chunk rather than
+    keeping it, with ∂log π(a | s)/∂z_j = (1[j = a] − π(j | s))/T. Each chunk's weight gradient is written once."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature: float, limit: int, columns: int, dtype, entropy: bool):
+        w = weight[:limit].to(dtype)
+        b = None if bias is None else bias[:limit]
+        n, acc = len(hidden), torch.promote_types(dtype, torch.float32)
+        low = torch.finfo(acc).min  # where the running max starts, so that an all −inf chunk gives exp(−inf) = 0
+        top, total, weighted, z_a = hidden.new_full((n,), low, dtype=acc), *hidden.new_zeros(3, n, dtype=acc)
+        for j in range(0, limit, columns):
+            z = lm_head_logits(hidden, w[j : j + columns], None if b is None else b[j : j + columns]).div_(temperature)
+            new_top = torch.maximum(top, z.amax(-1))
+            e, rescale = (z - new_top[:, None]).exp(), (top - new_top).exp()
+            total = total * rescale + e.sum(-1)  # Σ_j exp(z_j/T − top)
+            if entropy:  # a −inf logit has probability 0 and adds 0, not 0·(−inf)
+                weighted = weighted * rescale + (e * z.clamp(min=low)).sum(-1)  # Σ_j exp(z_j/T − top)·z_j/T
+            inside = (tokens >= j) & (tokens < j + z.shape[1])
+            z_a = torch.where(inside, z.gather(1, (tokens - j).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), z_a)
+            top = new_top
+        lse = top + total.log()
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.args = temperature, limit, columns, dtype
+        entropies = lse - weighted / total if entropy else lse.new_empty(0)
+        ctx.mark_non_differentiable(entropies)
+        return z_a - lse, entropies
+
+    @staticmethod
+    def backward(ctx, grad_logp, _):
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        temperature, limit, columns, dtype = ctx.args
+        w, h = weight[:limit].to(dtype), hidden.to(dtype)
+        b = None if bias is None else bias[:limit]
+        g = grad_logp / temperature
+        grad_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for j in range(0, limit, columns):
+            z = lm_head_logits(hidden, w[j : j + columns], None if b is None else b[j : j + columns]).div_(temperature)
+            dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # −π(j | s)·g/T ...
+            inside = (tokens >= j) & (tokens < j + z.shape[1])
+            dz.scatter_add_(1, (tokens - j).clamp(0, z.shape[1] - 1)[:, None], torch.where(inside, g, 0.0)[:, None])
+            dz = dz.to(dtype)  # ... + 1[j = a]·g/T
+            grad_hidden += product(dz, w[j : j + columns])
+            if grad_weight is not None:
+                grad_weight[j : j + len(dz.t())] = product(dz.t(), h)
+            if grad_bias is not None:
+                grad_bias[j : j + len(dz.t())] = dz.sum(0)
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, *[None] * 6
 
 
 def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float, entropy: bool, token_id_limit: int):
     """log π(a | s) of each token a [N] after each hidden state h(s) [N, H] and, if asked, the entropy of
-    π(· | s) [N], without gradient (else None), over the ids below token_id_limit. Rows go through the LM head
-    in chunks, so no [N, V] tensor exists at once; with gradients each chunk is recomputed in the backward
-    pass (checkpointed), so none is kept for it either: with V = 150,000 a float32 [N, V] takes 0.6 MB per
-    token. The entropy is elementwise work over [N, V] (with a large vocabulary on a CPU, a large share of a forward
-    and backward): ask for it where it is logged."""
-    rows = max(1, LOGITS_PER_CHUNK // lm_head.weight.shape[0])
-    chunks = [
-        checkpoint(logprob_chunk, lm_head, h, a, temperature, entropy, token_id_limit, use_reentrant=False)
-        if torch.is_grad_enabled()
-        else logprob_chunk(lm_head, h, a, temperature, entropy, token_id_limit)
-        for h, a in zip(hidden.split(rows), tokens.split(rows))
-    ]
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if entropy else None
+    π(· | s) [N], without gradient (else None), over the ids below token_id_limit, in float32 whatever autocast
+    does (LMHeadLogProbs). Give it every response position, padding included: the products then have the
+    shape of the micro-batch, never of how many of its tokens are valid, so the same rows give bit for bit the
+    same log-probs in any micro-batch of that shape (a GPU picks its kernels, and with them the order of its
+    sums, by shape). The entropy is elementwise work over [N, V]: ask for it where it is logged."""
+    columns = max(1, LOGITS_PER_CHUNK // max(len(hidden), 1))
+    logp, h = LMHeadLogProbs.apply(hidden, lm_head.weight, lm_head.bias, tokens, temperature, token_id_limit, columns,
+                                   head_dtype(lm_head, hidden.device), entropy)  # fmt: skip
+    return logp, h if entropy else None
 
 
 @torch.no_grad()
@@ -568,7 +721,7 @@ def evaluate(policy, tok, args) -> dict:
         gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
         size = args.inference_batch_size
         ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
-                                                  args.temperature, size, greedy, gen)  # fmt: skip
+                                                  args.temperature, size, greedy, gen, args.cuda_graphs)  # fmt: skip
         texts = decode(tok, ids[:, n_prompt:], mask, finished)
         scores = list(map(reward, prompts, texts, finished.tolist()))
         result[key] = sum(scores) / len(prompts)
@@ -622,13 +775,13 @@ def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, v
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
     with autocast(ids.device):
         hidden = policy.base_model(**inputs).last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
-        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:]
-        logp, entropy = response_logprobs(lm_head, hidden[mask], tokens[mask], temperature, entropy,
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:].flatten()  # every position: see there
+        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy,
                                           policy.token_id_limit)  # fmt: skip
         if critic is not None and value_head is not None:
             hidden = critic(**inputs).last_hidden_state[:, n_prompt - 1 : -1]
     values = None if value_head is None else value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
-    unpack = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+    unpack = lambda x: None if x is None else torch.where(mask, x.view(mask.shape), 0.0)
     return unpack(logp), unpack(entropy), values
 
 
@@ -684,6 +837,7 @@ def reward_model_scores(model, ids: torch.Tensor, attn: torch.Tensor, batch_size
 # ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
 def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     """This script's own bad input: (is it bad, the error line)."""
+    minibatch = args.num_prompts // (args.num_minibatches * world) if args.num_minibatches >= 1 else 0
     flag = lambda name: "--" + name.replace("_", "-")
     at_least_one = ["total_episodes", "num_prompts", "max_new_tokens", "ppo_epochs", "num_minibatches"]
     at_least_one += ["micro_batch_size", "inference_batch_size", "eval_every"]
@@ -702,6 +856,12 @@ def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
             args.num_prompts % (args.num_minibatches * world) != 0,
             f"--num-prompts {args.num_prompts} must split into --num-minibatches {args.num_minibatches}"
             + (f" over {world} processes" if world > 1 else ""),
+        ),
+        (
+            minibatch % min(args.micro_batch_size, max(minibatch, 1)) != 0,
+            f"--micro-batch-size {args.micro_batch_size} must divide the minibatch of {minibatch} responses"
+            + (" per process" if world > 1 else "")
+            + " (or exceed it)",
         ),
     ]
 
@@ -805,7 +965,8 @@ def start(args) -> torch.device:
 
 def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
     """The module whose gradients DistributedDataParallel averages over the processes (itself in one process)."""
-    return DistributedDataParallel(module) if dist.is_initialized() else module
+    # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy beside them.
+    return DistributedDataParallel(module, gradient_as_bucket_view=True) if dist.is_initialized() else module
 
 
 class Run:

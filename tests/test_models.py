@@ -29,18 +29,16 @@ def padded_vocab(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("padded"), "llama", pad_token=False, extra_rows=5)
 
 
-class LovesPadding(torch.nn.Module):
-    """A model whose logits on the rows past the tokenizer's ids are +50: what a sampler over every row picks."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.device, self.generation_config = model, model.device, model.generation_config
-        self.token_id_limit = model.token_id_limit
-
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        out.logits[..., self.token_id_limit :] = 50.0
-        return out
+def loving_padding(model):
+    """The model, its LM head given a bias of +50 on the rows past the tokenizer's ids: what a sampler over every
+    row would pick."""
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()[model.token_id_limit :] = 50.0
+    model.set_output_embeddings(biased)
+    return model
 
 
 @pytest.mark.parametrize("name", LOADING)
@@ -55,7 +53,7 @@ def test_ids_past_the_tokenizers_are_never_sampled(module, padded_vocab, greedy)
     nothing, and neither `reward` nor a reward model could see it."""
     model, tok = module.load_policy(str(padded_vocab), CPU)
     torch.manual_seed(0)
-    ids, _, n_prompt, _, _ = module.sample(LovesPadding(model), tok, ["1+2=", "40+55="] * 8, 5, 1.0, 16, greedy)
+    ids, _, n_prompt, _, _ = module.sample(loving_padding(model), tok, ["1+2=", "40+55="] * 8, 5, 1.0, 16, greedy)
     assert ids[:, n_prompt:].max() < len(tok)
 
 
@@ -69,31 +67,28 @@ def test_sample_token_never_returns_an_id_outside_the_vocabulary(module, row):
         logits = torch.zeros(3, vocab)
         logits[1] = bad
         logits[2, 1:] = float("-inf")  # a row whose only token is 0
-        ids = module.sample_token(logits, 1.0, torch.Generator().manual_seed(0), block)
+        ids = module.sample_token(logits, 1.0, torch.rand(2, 3, dtype=torch.float64), block)
         assert ((0 <= ids) & (ids < vocab)).all() and ids[2] == 0
 
 
-class Breaks(torch.nn.Module):
-    """A model whose logits turn NaN at the given sampling step."""
+def breaks(model, step: int):
+    """The model, its first row's hidden states (and so its logits) NaN from the given sampling step on."""
+    calls = []
 
-    def __init__(self, model, step: int):
-        super().__init__()
-        self.model, self.device, self.generation_config = model, model.device, model.generation_config
-        self.token_id_limit, self.step, self.calls = model.token_id_limit, step, 0
+    def hook(module, args, out):
+        calls.append(1)
+        if len(calls) > step:
+            out.last_hidden_state[0] = float("nan")
 
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        self.calls += 1
-        if self.calls > self.step:
-            out.logits[0] = float("nan")
-        return out
+    model.base_model.register_forward_hook(hook)
+    return model
 
 
 @pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
 def test_sampling_from_nan_logits_raises_floating_point_error(module, greedy):
     model, tok = module.load_policy(str(CHECKPOINT), CPU)
     with pytest.raises(FloatingPointError, match="NaN or inf"):
-        module.sample(Breaks(model, step=1), tok, ["1+2="] * 4, 5, 1.0, 4, greedy)
+        module.sample(breaks(model, step=1), tok, ["1+2="] * 4, 5, 1.0, 4, greedy)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -124,9 +119,14 @@ def test_a_policy_whose_logits_go_nan_stops_naming_the_iteration_and_keeps_the_l
 def test_the_entropy_is_finite_where_some_logits_are_minus_inf(module):
     """H = −Σ π log π over the tokens π gives mass: a −inf logit (a masked token) adds 0, not 0·(−inf) = NaN."""
     z = torch.tensor([[0.5, float("-inf"), -1.0, 2.0], [float("-inf"), 0.0, float("-inf"), 0.0]], dtype=torch.float64)
-    head = lambda hidden: hidden  # the hidden states are the logits
-    head.weight = torch.empty(4, 1)
-    _, entropy = module.response_logprobs(head, z, torch.tensor([0, 1]), 1.0, True, 4)
+    entropy = []
+    for row in z:  # the logits are the head's bias: its weight is 0
+        head = torch.nn.Linear(1, 4, dtype=torch.float64)
+        torch.nn.init.zeros_(head.weight), head.bias.data.copy_(row)
+        with torch.no_grad():
+            entropy.append(module.response_logprobs(head, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([1]),
+                                                    1.0, True, 4)[1])  # fmt: skip
+    entropy = torch.cat(entropy)
     finite = z.isfinite()
     p = torch.where(finite, z, -1e300).softmax(-1)
     expected = -torch.where(finite, p * p.log(), 0.0).sum(-1)
@@ -265,7 +265,7 @@ def test_every_script_trains_on_chat_prompts_sampled_from_the_template(chat_mode
     assistant's marker; `reward` still judges the task's own prompt; and the run ends with a save."""
     module = importlib.import_module(name)
     sample, sampled = module.sample, []
-    monkeypatch.setattr(module, "sample", lambda *a: sampled.append(sample(*a)) or sampled[-1])
+    monkeypatch.setattr(module, "sample", lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1])
     rewarded, reward = [], module.reward
     monkeypatch.setattr(module, "reward", lambda prompt, *a: rewarded.append(prompt) or reward(prompt, *a))
     flags = [*SMALL_RUN[name], "--chat", "--model", str(chat_model), "--max-new-tokens", "3", "--total-episodes", "16"]
@@ -288,11 +288,11 @@ def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, t
     monkeypatch.setattr(rm, "preference", lambda first, second: (first, second))  # a random model is never right
     monkeypatch.setattr("sys.argv", ["reward_model.py", *flags, "--output-dir", str(tmp_path / "rm")])
     sample, sampled = rm.sample, []
-    monkeypatch.setattr(rm, "sample", lambda *a: sampled.append(sample(*a)) or sampled[-1])
+    monkeypatch.setattr(rm, "sample", lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1])
     rm.main()
     scored, score, ppo_sample = [], ppo.reward_model_scores, ppo.sample
     monkeypatch.setattr(ppo, "reward_model_scores", lambda *a: scored.append(a[1:3]) or score(*a))
-    monkeypatch.setattr(ppo, "sample", lambda *a: sampled.append(ppo_sample(*a)) or sampled[-1])
+    monkeypatch.setattr(ppo, "sample", lambda *a, **k: sampled.append(ppo_sample(*a, **k)) or sampled[-1])
     flags = [*SMALL_RUN["ppo"], "--chat", "--model", str(chat_model), "--max-new-tokens", "3", "--total-episodes", "8"]
     run_main(ppo, *flags, "--reward-model", str(tmp_path / "rm"), "--output-dir", str(tmp_path / "ppo"))
     tok = AutoTokenizer.from_pretrained(chat_model)

@@ -32,7 +32,8 @@ from tiny import (
 
 SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
 SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy", "positions", "autocast", "inverse_cdf",
-          "sample_token", "sample", "prompt_ids", "conversations", "decode", "logprob_chunk", "response_logprobs",
+          "sample_token", "sample", "Decoder", "default_generator", "capture", "prompt_ids", "conversations", "decode",
+          "head_dtype", "product", "lm_head_logits", "LMHeadLogProbs", "response_logprobs",
           "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats", "parse_args", "cli_error",
           "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
 SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
@@ -145,35 +146,32 @@ def test_a_response_ends_at_its_first_stop_token_whichever_of_several_it_is(two_
     assert torch.equal(attn[:, n_prompt:], mask.long())  # the attention mask training will use
 
 
-class Recording(torch.nn.Module):
-    """A model that keeps the last-position logits of every call over the tokenizer's ids: the distributions
-    the sampler drew from."""
+def recording_logits(module, monkeypatch) -> list:
+    """Every logits tensor module's LM head makes from now on, copied before sample_token overwrites it: during
+    sampling, the distributions the sampler drew from, one [B, V] per step."""
+    made, head = [], module.lm_head_logits
 
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.logits = model, []
-        self.device, self.generation_config = model.device, model.generation_config
-        self.token_id_limit = model.token_id_limit
+    def recorded(*args):
+        made.append(head(*args).clone())
+        return made[-1].clone()
 
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        self.logits.append(out.logits[:, -1, : self.token_id_limit].clone())  # before sample_token overwrites them
-        return out
+    monkeypatch.setattr(module, "lm_head_logits", recorded)
+    return made
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"], ids=["gpt2", "llama-without-pad-token"])
-def test_the_sampler_gives_each_token_the_log_probability_that_forward_gives_it(tmp_path, arch):
+def test_the_sampler_gives_each_token_the_log_probability_that_forward_gives_it(tmp_path, arch, monkeypatch):
     """The central claim of π_old: the distribution a token was drawn from, softmax(logits/T) at its
     step of the KV-cache sampler, gives it the same log-probability as the scripts' forward pass, for
     prompts of unequal length (left padding) in one batch."""
     import ppo
 
     model, tok = ppo.load_policy(str(tiny_model(tmp_path, arch, pad_token=arch == "gpt2")), torch.device("cpu"))
-    recording, temperature = Recording(model), 0.7
+    recording, temperature = recording_logits(ppo, monkeypatch), 0.7
     torch.manual_seed(0)
     prompts = ["1+2=", "40+55=", "7+61=", "99+99="] * 4
-    ids, attn, n_prompt, mask, _ = ppo.sample(recording, tok, prompts, 5, temperature, batch_size=16)
-    steps = torch.stack(recording.logits, 1)  # [B, T, V]
+    ids, attn, n_prompt, mask, _ = ppo.sample(model, tok, prompts, 5, temperature, batch_size=16)
+    steps = torch.stack(recording, 1)  # [B, T, V]
     drawn = (steps / temperature).log_softmax(-1).gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
     with torch.no_grad():
         logp = ppo.forward(model, ids, attn, n_prompt, temperature)[0]
@@ -201,7 +199,9 @@ def test_sample_token_draws_each_row_from_the_softmax_of_its_own_logits_over_the
     kinds[0, 1] = kinds[3, ::3] = -math.inf
     kinds[2, -1] = 6.0
     rows = torch.arange(200_000) % 4
-    draws = module.sample_token(kinds[rows].clone(), 0.7, gen, block=block)
+    draws = module.sample_token(
+        kinds[rows].clone(), 0.7, torch.rand(2, len(rows), dtype=torch.float64, generator=gen), block=block
+    )
     for kind in range(4):
         probs = (kinds[kind] / 0.7).softmax(-1).double()
         counts = torch.bincount(draws[rows == kind], minlength=vocab).double()
@@ -223,9 +223,10 @@ def gpt2_64():
 
 @pytest.mark.parametrize("limit", [11, 8], ids=["every-id-a-token", "3-padding-rows"])
 @settings(max_examples=20)
-@given(data=st.data(), temperature=st.floats(0.3, 2.0), rows=st.integers(1, 5))
-def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, limit, scripts, data, temperature, rows):
-    """Each script's log-probs, computed from the LM head in checkpointed chunks of `rows` tokens, equal
+@given(data=st.data(), temperature=st.floats(0.3, 2.0), columns=st.integers(1, 5))
+def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, limit, scripts, data, temperature,
+                                                                       columns):  # fmt: skip
+    """Each script's log-probs, computed from the LM head in chunks of `columns` ids (LMHeadLogProbs), equal
     log_softmax(logits/T) gathered from the whole logits tensor, and so do their gradients and the
     entropies, to 1e-10 in float64, for left-padded prompts and responses of several lengths with junk
     after their end. With an embedding table longer than the tokenizer (11 rows, 8 tokens), the softmax is
@@ -260,7 +261,7 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, l
         logp_all = (logits / temperature).log_softmax(-1)
         plain_entropy = -(logp_all.exp() * logp_all).sum(-1)  # H(π(· | s_t)) = −Σ_a π(a|s_t)·log π(a|s_t)
     for module in scripts:
-        chunk, module.LOGITS_PER_CHUNK = module.LOGITS_PER_CHUNK, rows * 11  # `rows` tokens per chunk: several
+        chunk, module.LOGITS_PER_CHUNK = module.LOGITS_PER_CHUNK, columns * batch * width  # several chunks
         score = module.forward if hasattr(module, "forward") else module.token_logprobs
         try:
             logp, grads = with_gradient(lambda f=score: f(gpt2_64, ids, attn, n_prompt, temperature)[0])
@@ -272,6 +273,132 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, l
         with torch.no_grad():
             entropy = score(gpt2_64, ids, attn, n_prompt, temperature, entropy=True)[1]
         torch.testing.assert_close(entropy[mask], plain_entropy[mask], rtol=0, atol=1e-10)
+
+
+# ---- For a GPU: float32 logits under autocast, decoding steps fit for a CUDA graph, π_old in the update's shapes ----
+def test_log_probs_under_bf16_autocast_come_from_float32_logits(scripts):
+    """Under bf16 autocast (on a CPU, as on a GPU), the log-probs of tokens drawn from logits of realistic size
+    (|z| up to about 20, T = 0.5) equal a float64 log_softmax of the same bf16 product to 1e-5, in every script:
+    the head's output is never rounded to bf16. Autocast's own LM head is off by about 0.1 here (the premise:
+    this test can fail)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 128, generator=gen)
+    head = torch.nn.Linear(128, 1000, bias=False)
+    head.weight.data = torch.randn(1000, 128, generator=gen) * (6 / 128**0.5 / hidden.std())
+    z = hidden.bfloat16().double() @ head.weight.bfloat16().double().T  # the bf16 product, exactly
+    tokens = torch.multinomial((z / 0.5).softmax(-1), 1, generator=gen).squeeze(1)  # what the policy samples
+    expected = (z / 0.5).log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    assert 15 < z.abs().max() < 40
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = (head(hidden).float() / 0.5).log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        assert (rounded.double() - expected).abs().max() > 1e-2
+        for module in scripts:
+            logp = module.response_logprobs(head, hidden, tokens, 0.5, False, 1000)[0]
+            assert logp.dtype == torch.float32
+            torch.testing.assert_close(logp.double(), expected, rtol=0, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(columns=st.integers(1, 7), limit=st.integers(3, 7), seed=st.integers(0, 2**16))
+def test_the_lm_heads_log_probs_entropies_and_gradients_equal_a_plain_log_softmax_with_a_bias(columns, limit, seed):
+    """LMHeadLogProbs in float64, in chunks of `columns` ids over the `limit` that are tokens, with a head that has a
+    bias: log π, the entropy, and the gradients of Σ g·log π for h, W and b equal log_softmax's over the whole [N, V]
+    logits, to 1e-10; the rows of W and b past the limit get no gradient."""
+    import ppo
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(3, 7, dtype=torch.float64)
+    head.weight.data, head.bias.data = (torch.randn(7, 3, dtype=torch.float64, generator=gen) for _ in range(2))
+    head.bias.data = head.bias.data[:, 0].contiguous()
+    tokens, g = torch.randint(0, limit, (5,), generator=gen), torch.randn(5, dtype=torch.float64, generator=gen)
+
+    def plain():
+        logp_all = (head(hidden)[:, :limit] / 0.7).log_softmax(-1)
+        return logp_all.gather(1, tokens[:, None]).squeeze(1), -(logp_all.exp() * logp_all).sum(-1)
+
+    def grads(logp):
+        head.zero_grad(), hidden.grad.zero_() if hidden.grad is not None else None
+        (g * logp).sum().backward()
+        return [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+
+    expected_logp, expected_entropy = plain()
+    expected = grads(expected_logp)
+    chunk, ppo.LOGITS_PER_CHUNK = ppo.LOGITS_PER_CHUNK, columns * 5
+    try:
+        logp, entropy = ppo.response_logprobs(head, hidden, tokens, 0.7, True, limit)
+    finally:
+        ppo.LOGITS_PER_CHUNK = chunk
+    torch.testing.assert_close(logp, expected_logp, rtol=0, atol=1e-10)
+    torch.testing.assert_close(entropy, expected_entropy.detach(), rtol=0, atol=1e-10)
+    for got, want in zip(grads(logp), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert not head.weight.grad[limit:].any() and not head.bias.grad[limit:].any()
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["sampled", "greedy"])
+def test_asking_for_live_rows_every_8_steps_or_replaying_a_step_samples_the_same_ids(policy, greedy, monkeypatch):
+    """The decoding loop as a GPU runs it (asking whether a row is alive every 8 steps, steps 2 on replayed from a
+    capture) writes the same ids as asking after every step and calling each step, and leaves the generator where
+    drawing each step's numbers one step at a time leaves it (the CPU's random stream as before the loop drew up
+    front). A capture here replays by calling the step again: what a CUDA graph replays, if the step keeps all it
+    reads and writes in tensors."""
+    import ppo
+
+    model, tok = policy
+    prompts = ["1+2=", "40+55=", "7+61=", "99+99="] * 8
+    encoded = [ppo.prompt_ids(tok, p) for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+    attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    stops = torch.tensor(model.generation_config.eos_token_id)
+    monkeypatch.setattr(ppo, "capture", lambda step: SimpleNamespace(replay=step))
+    runs = []
+    for check_every, graph in [(1, False), (8, False), (8, True), (3, True)]:
+        gen = torch.Generator().manual_seed(0)
+        decoder = ppo.Decoder(model, ids, attn, stops, 10, 2.0, greedy, gen, tok.pad_token_id)
+        runs.append((decoder.run(graph, check_every), gen.get_state()))
+    tokens, state = runs[0]
+    assert 1 < tokens.shape[1] < 10  # every row stopped early: the later checks ran steps past the end
+    for other, other_state in runs[1:]:
+        assert torch.equal(other, tokens) and torch.equal(other_state, state)
+    stepwise = torch.Generator().manual_seed(0)
+    for _ in range(0 if greedy else tokens.shape[1]):
+        torch.rand(2, len(ids), dtype=torch.float64, generator=stepwise)
+    assert torch.equal(stepwise.get_state(), state)
+
+
+def shape_dependent_rounding(module, monkeypatch):
+    """Make module's models round like a GPU, whose kernels (and so the order of their sums) depend on the shape of
+    their inputs: every hidden state moves by 1e-3 × (rows of its batch mod 3), every LM head logit by 1e-3 × (rows
+    of its product mod 5). The same rows in two batches of one shape get the same log-probs; in others, not."""
+    load, product = module.load_policy, module.product
+
+    def hooked(*args, **kwargs):
+        model, tok = load(*args, **kwargs)
+        hook = lambda m, a, k, out: setattr(out, "last_hidden_state", out.last_hidden_state + 1e-3 * (len(k.get(
+            "input_ids", a[0] if a else None)) % 3)) or out  # fmt: skip
+        model.base_model.register_forward_hook(hook, with_kwargs=True)
+        return model, tok
+
+    monkeypatch.setattr(module, "load_policy", hooked)
+    monkeypatch.setattr(module, "product", lambda a, b: product(a, b) + 1e-3 * (a.shape[0] % 5))
+
+
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_the_first_minibatch_ratio_is_exactly_1_when_rounding_depends_on_the_batch_shape(name, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    """π_old is scored in passes of the update's micro-batch shape, the LM head on every response position: so
+    before the first step r_t = π_θ/π_old is exactly 1 even where rounding depends on shapes (a GPU's kernels),
+    with a sampling batch, an inference batch and a minibatch of different sizes and responses of unequal length."""
+    module = importlib.import_module(name)
+    shape_dependent_rounding(module, monkeypatch)
+    flags = {"ppo": ["--num-prompts", "16", "--num-minibatches", "2"],
+             "grpo": ["--num-prompts", "4", "--group-size", "4", "--num-minibatches", "2"]}[name]  # fmt: skip
+    rows = run_main(module, *flags, "--micro-batch-size", "4", "--inference-batch-size", "12", "--temperature", "2",
+                    "--total-episodes", "32", "--eval-every", "100000", "--output-dir", str(tmp_path))  # fmt: skip
+    assert [row["first_minibatch_ratio_error"] for row in rows[1:]] == [0.0, 0.0]
+    assert min(row["response_length"] for row in rows) < 5  # responses of unequal length, some padding
 
 
 # ---- Gradient checkpointing and resume, each script run in this process ----
@@ -438,7 +565,9 @@ def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, polic
     odd_share = sum((a + b) % 2 for a, b in sft.EVAL_PAIRS) / 500
     module = scripts[0]  # evaluate and what it reads are the same in every script (the same-code test)
     for size in (500, 64):
-        args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=size, chat=False)
+        args = SimpleNamespace(
+            max_new_tokens=6, temperature=1.0, inference_batch_size=size, chat=False, cuda_graphs=False
+        )
         assert module.evaluate(Oracle(tok), tok, args) == {"eval_accuracy": 1.0, "eval_reward_sampled": 1.0}
         assert module.evaluate(Oracle(tok, wrong), tok, args)["eval_accuracy"] == odd_share
     assert sft.greedy_accuracy(Oracle(tok, wrong), tok, sft.EVAL_PAIRS, 6) == odd_share
@@ -446,7 +575,7 @@ def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, polic
 
 def test_sft_and_the_scripts_agree_on_the_committed_checkpoints_eval_accuracy(scripts, policy):
     model, tok = policy
-    args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=500, chat=False)
+    args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=500, chat=False, cuda_graphs=False)
     assert {m.evaluate(model, tok, args)["eval_accuracy"] for m in scripts} == {
         sft.greedy_accuracy(model, tok, sft.EVAL_PAIRS)
     }

@@ -85,26 +85,46 @@ def tiny_model(path: Path, arch: str = "gpt2", pad_token: bool = True, padding_s
 
 
 class Oracle(torch.nn.Module):
-    """A causal LM, to the scripts' sampler, that writes the sum of each prompt and then EOS, or for the
-    pairs in `answers` the token ids given there. Its "cache" is the token ids so far."""
+    """A causal LM, to the scripts' sampler and to sft.py's, that writes the sum of each prompt and then EOS, or
+    for the pairs in `answers` the token ids given there. To the scripts' sampler, its hidden state is the one-hot
+    of the token it writes and its LM head 100·I; it keeps the ids so far on the KV cache it is handed."""
 
     def __init__(self, tok, answers: dict | None = None):
         super().__init__()
         self.tok, self.answers = tok, answers or {}
         self.generation_config = SimpleNamespace(eos_token_id=[tok.eos_token_id])
         self.device, self.token_id_limit = torch.device("cpu"), len(tok)
+        self.config = GPT2Config(vocab_size=len(tok), n_embd=4, n_layer=1, n_head=1)  # for the sampler's cache
+        self.head = torch.nn.Linear(len(tok), len(tok), bias=False)
+        self.head.weight.data = 100.0 * torch.eye(len(tok))
 
-    def forward(self, input_ids, attention_mask, cache=None, **kwargs):
-        ids = input_ids if cache is None else torch.cat([cache, input_ids], 1)
-        logits = torch.zeros(len(ids), ids.shape[1], len(self.tok))
-        for row, (seq, mask) in enumerate(zip(ids.tolist(), attention_mask.tolist())):
+    def next_tokens(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
+        """The token each row writes next, from its real tokens so far."""
+        out = []
+        for seq, mask in zip(ids.tolist(), attention_mask[:, : ids.shape[1]].tolist()):
             text = self.tok.decode([t for t, m in zip(seq, mask) if m])
             prompt, written = text.split("=", 1)
             a, b = map(int, prompt.split("+"))
             answer = self.answers.get((a, b), self.tok(str(a + b))["input_ids"] + [self.tok.eos_token_id])
             n = len(self.tok(written)["input_ids"]) if written else 0
-            logits[row, -1, answer[n] if n < len(answer) else self.tok.eos_token_id] = 100.0
-        return SimpleNamespace(logits=logits, cache=ids)
+            out.append(answer[n] if n < len(answer) else self.tok.eos_token_id)
+        return out
+
+    def forward(self, input_ids, attention_mask, **kwargs):  # sft.py's greedy_accuracy: the whole sequence each time
+        logits = torch.zeros(len(input_ids), input_ids.shape[1], len(self.tok))
+        logits[:, -1] = 100.0 * torch.nn.functional.one_hot(torch.tensor(self.next_tokens(input_ids, attention_mask)),
+                                                            len(self.tok))  # fmt: skip
+        return SimpleNamespace(logits=logits)
+
+    def base_model(self, input_ids, attention_mask, cache, **kwargs):
+        cache.ids = input_ids if not hasattr(cache, "ids") else torch.cat([cache.ids, input_ids], 1)
+        hidden = torch.zeros(len(input_ids), input_ids.shape[1], len(self.tok))
+        hidden[:, -1] = torch.nn.functional.one_hot(torch.tensor(self.next_tokens(cache.ids, attention_mask)),
+                                                    len(self.tok))  # fmt: skip
+        return SimpleNamespace(last_hidden_state=hidden)
+
+    def get_output_embeddings(self):
+        return self.head
 
 
 # ---- An enumerable policy ----
@@ -168,10 +188,11 @@ class TabularPolicy(torch.nn.Module):
 
 
 class TableHead:
-    """The tabular policy's LM head: logits = one-hot(s)·θ, with .weight [VOCAB, states] like nn.Linear."""
+    """The tabular policy's LM head: logits = one-hot(s)·θ, with .weight [VOCAB, states] and no bias, like
+    nn.Linear(bias=False)."""
 
     def __init__(self, theta):
-        self.theta, self.weight = theta, theta.T
+        self.theta, self.weight, self.bias = theta, theta.T, None
 
     def __call__(self, hidden):
         return hidden @ self.theta
