@@ -960,7 +960,8 @@ def save(policy, tok, path: Path, state: dict) -> None:
     temporary folder first, so an interrupted save never destroys the previous one."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    adapters = getattr(policy, "adapters", None)  # LoRA: the merged weights, which from_pretrained loads
+    policy.save_pretrained(tmp, state_dict=None if adapters is None else adapters.merged(policy))
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():

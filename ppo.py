@@ -30,7 +30,6 @@ Self-contained on purpose: copy this file and gae.py into your project.
 """
 
 import contextlib
-import copy
 import dataclasses
 import datetime
 import io
@@ -56,6 +55,7 @@ from transformers import (
     AutoTokenizer,
     StaticCache,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from gae import gae
@@ -134,6 +134,14 @@ class Args:
     """recompute each layer's activations in the backward pass: far less memory, about a third more time"""
     cuda_graphs: bool = True
     """on a GPU, replay each decoding step as a CUDA graph: the same tokens, without a kernel launch per operation"""
+    lora_rank: int = 0
+    """r > 0: train rank-r adapters (LoRA) on the linear layers and freeze every weight (0: every weight trains);
+    π_ref is then the model with its adapters off. RL needs little capacity: rank 1 works, at ~10x the learning rate"""
+    lora_alpha: float = 32.0
+    """α: the adapters' output is scaled by α/r"""
+    lora_targets: str = "all-linear"
+    """the layers given adapters: all-linear (every linear layer of the body; never the LM head), or name endings
+    separated by commas, such as q_proj,v_proj"""
 
 
 # ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
@@ -271,14 +279,13 @@ def main() -> None:
     args = parse_args()
     device = start(args)  # the process group under torchrun, this process's device, its seed
     run = Run(args, "ppo", device)  # the output folder and the prompts' generator; on --resume, the last save
-    # On a GPU the frozen models (π_ref, the reward model) are held in bf16: half the memory, and autocast
-    # computes in bf16 anyway. The trained ones keep float32 weights, which Adam's small steps need.
-    frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ref_policy, tok = load_policy(args.model, device, frozen, args.chat)  # π_ref
-    ref_policy.requires_grad_(False)
-    policy, _ = load_policy(run.last_save or args.model, device)  # π_θ
+    policy, ref_policy, tok = load_policies(args, run.last_save, device)  # π_θ and the frozen π_ref: see there
+    frozen = torch.bfloat16 if device.type == "cuda" else torch.float32  # a frozen model's dtype, as there
     reward_model = load_reward_model(args.reward_model, device, frozen, tok) if args.reward_model else None
-    critic = copy.deepcopy(policy.base_model) if args.critic == "separate" else None  # no LM head: unused
+    critic = None
+    if args.critic == "separate":  # a second body, as --model; with --lora-rank, frozen with adapters of its own
+        body = load_policy(args.model, device, frozen if args.lora_rank else torch.float32)[0].base_model  # no LM head
+        critic = adapted(body, args)
     value_head = torch.nn.Linear(policy.config.hidden_size, 1, device=device)
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)  # V = 0: no prior about rewards
     if args.gradient_checkpointing:  # non-reentrant: the recompute runs in the backward pass
@@ -286,13 +293,16 @@ def main() -> None:
             m.activation_checkpointing_enable()
     agent = PolicyAndCritic(policy, value_head, critic)  # π_θ and V_φ: what Adam steps
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
-    beta = run.restore(value_head=value_head, critic=critic, optimizer=optimizer).get("beta", args.kl_coef)  # β
+    adapters = getattr(policy, "adapters", None)  # with --lora-rank: what trains in π_θ
+    saved = run.restore(value_head=value_head, critic=critic, adapters=adapters, optimizer=optimizer)
+    beta = saved.get("beta", args.kl_coef)  # β
     learner = data_parallel(agent)  # the agent, its gradients averaged over processes (itself in one)
     batch_size, local_batch = args.num_prompts, args.num_prompts // run.world
     num_iterations = math.ceil(args.total_episodes / batch_size)
     run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes, {args.ppo_epochs} epochs x "
               f"{args.num_minibatches} minibatches, {args.critic} critic, kl_coef {args.kl_coef}"
-              + (f" -> target {args.kl_target}" if args.kl_target else ""))  # fmt: skip
+              + (f" -> target {args.kl_target}" if args.kl_target else "")
+              + (f", LoRA rank {args.lora_rank} on {len(adapters.layers)} layers" if adapters else ""))  # fmt: skip
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
     for iteration in range(run.first_iteration, num_iterations + 1):
@@ -431,6 +441,98 @@ def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.floa
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+class Adapters(torch.nn.Module):
+    """Low-rank adapters (Hu et al., "LoRA", 2021) on the linear layers of a model's body: a layer's output W₀x
+    becomes W₀x + (α/r)·B·A·x, with A [r, in] random and B [out, r] zero, so a fresh adapter changes nothing. W₀
+    stays frozen and only A and B train: the optimizer's state is a few bytes per adapted layer instead of 16 per
+    parameter. Off (see `off`), the model is W₀ alone: π_ref, with no second copy of the model."""
+
+    def __init__(self, body: torch.nn.Module, rank: int, alpha: float, targets: str):
+        super().__init__()
+        self.scale, self.enabled, self.layers = alpha / rank, True, {}
+        self.A, self.B = torch.nn.ParameterDict(), torch.nn.ParameterDict()
+        wanted = None if targets == "all-linear" else tuple(targets.split(","))
+        for name, layer in body.named_modules():
+            if not isinstance(layer, (torch.nn.Linear, Conv1D)) or wanted and not name.endswith(wanted):
+                continue
+            n_out, n_in = layer.weight.shape if isinstance(layer, torch.nn.Linear) else layer.weight.shape[::-1]
+            key = name.replace(".", "/")  # a ParameterDict key holds no dot
+            like = dict(device=layer.weight.device, dtype=torch.promote_types(layer.weight.dtype, torch.float32))
+            self.A[key] = torch.nn.Parameter(torch.empty(rank, n_in, **like))
+            torch.nn.init.kaiming_uniform_(self.A[key], a=math.sqrt(5))  # as nn.Linear initialises its weight
+            self.B[key] = torch.nn.Parameter(torch.zeros(n_out, rank, **like))
+            self.layers[key] = layer
+            layer.register_forward_hook(self.adapt(key))
+        if not self.layers:
+            sys.exit(f"error: --lora-targets {targets}: no linear layer of the model matches")
+
+    def adapt(self, key: str):
+        def hook(layer, inputs, output):  # W₀x + (α/r)·B·A·x
+            if not self.enabled:
+                return output
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], self.A[key]), self.B[key])
+            return output + self.scale * delta
+
+        return hook
+
+    @contextlib.contextmanager
+    def off(self):
+        """The base model W₀ alone, inside the block."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
+
+    def merged(self, model) -> dict:
+        """model's state dict with each adapted weight replaced by W₀ + (α/r)·B·A in W₀'s dtype: a model that
+        from_pretrained loads without this code. (Conv1D, GPT-2's linear layer, stores W transposed.)"""
+        names = {id(layer): name for name, layer in model.named_modules()}
+        state = model.state_dict()
+        for key, layer in self.layers.items():
+            delta = self.scale * (self.B[key] @ self.A[key]).detach()
+            delta = delta if isinstance(layer, torch.nn.Linear) else delta.t()
+            state[names[id(layer)] + ".weight"] = (layer.weight.float() + delta).to(layer.weight.dtype)
+        return {k: v for k, v in state.items() if not k.startswith("adapters.")}
+
+
+class WithoutAdapters:
+    """A policy with its adapters off, as the scripts' forward passes use a model (base_model, the LM head,
+    token_id_limit): π_ref under LoRA."""
+
+    def __init__(self, policy):
+        self.policy, self.token_id_limit = policy, policy.token_id_limit
+
+    def base_model(self, *args, **kwargs):
+        with self.policy.adapters.off():
+            return self.policy.base_model(*args, **kwargs)
+
+    def get_output_embeddings(self):
+        return self.policy.get_output_embeddings()
+
+
+def adapted(model, args):
+    """model frozen, with trainable adapters on its body's linear layers (--lora-rank r > 0); else model as it is."""
+    if args.lora_rank:
+        model.requires_grad_(False)
+        model.adapters = Adapters(model.base_model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    return model
+
+
+def load_policies(args, last_save: str | None, device: torch.device, with_ref: bool = True):
+    """π_θ, π_ref (None without with_ref) and the tokenizer. Frozen weights (π_ref, a LoRA base) are held in bf16 on
+    a GPU, where autocast computes in bf16 anyway: half the memory. Trained ones are float32, which Adam's small
+    steps need. With --lora-rank, π_θ is --model frozen with adapters (on --resume its base is still --model and
+    the adapters come from the save), and π_ref is the same model with its adapters off: no second copy."""
+    frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.lora_rank:
+        policy, tok = load_policy(args.model, device, frozen, args.chat)
+        return adapted(policy, args), WithoutAdapters(policy) if with_ref else None, tok
+    policy, tok = load_policy(last_save or args.model, device, chat=args.chat)
+    ref_policy = load_policy(args.model, device, frozen)[0].requires_grad_(False) if with_ref else None
+    return policy, ref_policy, tok
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -846,6 +948,8 @@ def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
     return problems + [
         (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
+        (not args.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (not args.lora_alpha > 0, "--lora-alpha must be > 0"),
         (args.kl_target is not None and not args.kl_target > 0, "--kl-target must be > 0"),
         (args.kl_target is not None and not args.kl_coef > 0, "--kl-target needs a starting --kl-coef > 0"),
         (not args.kl_horizon > 0.2 * args.num_prompts, "--kl-horizon must exceed 0.2 x --num-prompts, or β can hit 0"),
@@ -1101,7 +1205,8 @@ def save(policy, tok, path: Path, state: dict) -> None:
     temporary folder first, so an interrupted save never destroys the previous one."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    adapters = getattr(policy, "adapters", None)  # LoRA: the merged weights, which from_pretrained loads
+    policy.save_pretrained(tmp, state_dict=None if adapters is None else adapters.merged(policy))
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():

@@ -7,7 +7,7 @@ each phase calls in timers (ppo.py itself is left untouched):
   scoring      decode() and reward()                    (tokens -> text -> task score)
   forward      forward() without gradients              (π_old, values, π_ref)
   update       forward() with gradients, backward() and Adam's step, each timed apart
-  evaluation, setup: evaluate(), and loading, copying and saving models: not part of an iteration
+  evaluation, setup: evaluate(), and loading and saving models: not part of an iteration
 
 A timer counts time exclusive of the timed calls nested inside it, so nothing is counted twice;
 "other" is the remainder of the wall time (GAE, whitening, statistics, logging). The figures cover
@@ -82,7 +82,6 @@ def instrument() -> None:
     ppo.load_policy = timed("setup", ppo.load_policy)
     ppo.load_reward_model = timed("setup", ppo.load_reward_model)
     ppo.save = timed("setup", ppo.save)
-    ppo.copy.deepcopy = timed("setup", ppo.copy.deepcopy)
     torch.Tensor.backward = timed("update: backward", torch.Tensor.backward)
     torch.optim.Adam.step = timed("update: Adam", torch.optim.Adam.step)
 

@@ -38,6 +38,7 @@ SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy",
           "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
 SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
 SHARED_WITHOUT = ["token_logprobs", "PolicyLogProbs"]  # reinforce.py and grpo.py
+SHARED_LORA = ["Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
 CONSTANTS = ["EVAL_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
@@ -63,6 +64,10 @@ def test_the_shared_pieces_are_the_same_code_in_every_script(scripts):
     for name in SHARED_WITHOUT:
         without = [m for m in scripts if m not in with_critic]
         assert len(without) == 2 and len({inspect.getsource(getattr(m, name)) for m in without}) == 1, name
+    with_lora = [m for m in scripts if hasattr(m, "Adapters")]
+    for name in SHARED_LORA:
+        assert [m.__name__ for m in with_lora] == ["ppo", "grpo"], name
+        assert len({inspect.getsource(getattr(m, name)) for m in with_lora}) == 1, name
     for name in CONSTANTS:  # what the shared code reads: equal values, not only equal source
         assert all(getattr(m, name) == getattr(scripts[0], name) for m in scripts), name
 
@@ -465,7 +470,19 @@ def dropout_gpt2(tmp_path_factory):
 RESUMED = {
     "reinforce": ("--baseline", "mean", "--kl-coef", "0.1"),  # the running mean and π_ref carry over
     "actor_critic": ("--critic", "separate", "--kl-coef", "0.1"),  # the critic's own backbone
-    "ppo": ("--critic", "separate", "--kl-coef", "0.1", "--kl-target", "0.01", "--kl-horizon", "100"),  # β moves
+    # β moves; LoRA: the base from --model, the adapters (the critic's too) from the save
+    "ppo": (
+        "--critic",
+        "separate",
+        "--kl-coef",
+        "0.1",
+        "--kl-target",
+        "0.01",
+        "--kl-horizon",
+        "100",
+        "--lora-rank",
+        "2",
+    ),
     "grpo": ("--kl-coef", "0.1", "--kl-penalty", "k3-loss"),  # π_ref, and its log-probs in the update
 }
 
