@@ -107,20 +107,22 @@ def matmul_params(model) -> int:
 flops = dict(tokens=0, response_tokens=0, model=0.0, recomputed=0.0)
 
 
-def count_update_flops(fn, gradient_checkpointing: bool):
+def count_update_flops(fn, gradient_checkpointing: bool, lora: bool):
     """Wrap ppo.forward to add up, over the update's passes (those with gradients), the tokens through the
     backbone (the whole [b, P+T] micro-batch, prompt and padding included: the model computes them all)
-    and through the LM head (the valid response tokens), and their model FLOPs: 6 per parameter and token
-    for forward and backward. Recomputation is counted apart: the LM head's chunks always run their
-    forward again in the backward pass, and with gradient checkpointing every layer does."""
+    and through the LM head (every response position, as ppo.py computes it), and their model FLOPs: 6 per
+    parameter and token for forward and backward, 4 with LoRA (a frozen weight gets no gradient of its own;
+    the adapters' few FLOPs are not counted). Recomputation is counted apart: the LM head's chunks always run
+    their forward again in the backward pass, and with gradient checkpointing every layer does."""
+    per_token = 4 if lora else 6
 
     def wrapper(policy, ids, attn, n_prompt, temperature, critic=None, value_head=None, entropy=False):
         if torch.is_grad_enabled():
             backbone = matmul_params(policy) + (matmul_params(critic) if critic is not None else 0)
-            head, n_response = policy.get_output_embeddings().weight.numel(), int(attn[:, n_prompt:].sum())
+            head, n_response = policy.get_output_embeddings().weight.numel(), attn[:, n_prompt:].numel()
             flops["tokens"] += ids.numel()
             flops["response_tokens"] += n_response
-            flops["model"] += 6 * (backbone * ids.numel() + head * n_response)
+            flops["model"] += per_token * (backbone * ids.numel() + head * n_response)
             flops["recomputed"] += 2 * (backbone * ids.numel() * gradient_checkpointing + head * n_response)
         return fn(policy, ids, attn, n_prompt, temperature, critic, value_head, entropy)
 
@@ -187,7 +189,8 @@ def main() -> None:
         profile_ppo.instrument()
         for owner, name in timed if cuda else []:
             setattr(owner, name, synced(getattr(owner, name), before=True))  # outside it
-        ppo.forward = count_update_flops(ppo.forward, args.gradient_checkpointing)
+        lora = "--lora-rank" in args.extra and int(args.extra[args.extra.index("--lora-rank") + 1]) > 0
+        ppo.forward = count_update_flops(ppo.forward, args.gradient_checkpointing, lora)
         gc.collect()  # building the model is not part of the run
         if cuda:
             torch.cuda.empty_cache()
@@ -198,7 +201,7 @@ def main() -> None:
         profile_ppo.profile(args.iterations, [*flags, "--output-dir", str(Path(tmp) / "run")])
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    report(args, command, config, flags, rows, cuda and device, wall, built, rss_before)
+    report(args, command, config, flags, rows, cuda and device, wall, built, rss_before, lora)
 
 
 def per_iter(key: str, iterations: int) -> float:
@@ -206,7 +209,16 @@ def per_iter(key: str, iterations: int) -> float:
 
 
 def report(
-    args, command: str, config, flags: list[str], rows: list[dict], device, wall: float, built: float, rss_before: float
+    args,
+    command: str,
+    config,
+    flags: list[str],
+    rows: list[dict],
+    device,
+    wall: float,
+    built: float,
+    rss_before: float,
+    lora: bool,
 ):
     n = args.iterations
     phases = profile_ppo.per_iteration(profile_ppo.evaluations, n)
@@ -242,14 +254,22 @@ def report(
     print(
         f"tokens trained per iteration: {per_iter('tokens', n):,.0f} through the backbone (every [b, P+T] "
         f"micro-batch of the update, prompt and padding included, all epochs), "
-        f"{per_iter('response_tokens', n):,.0f} through the LM head (valid response tokens)"
+        f"{per_iter('response_tokens', n):,.0f} through the LM head (every response position)"
     )
     print(f"peak RSS of the process: {peak_rss_mib():,.0f} MiB (before ppo.main(), model built: {rss_before:,.0f} MiB)")
-    frozen = 2 if device else 4  # bytes per parameter of π_ref: bf16 on CUDA
-    print(
-        f"expected for the weights alone: {(16 + frozen) * params / 2**20:,.0f} MiB (π_θ's float32 weights, gradients "
-        f"and Adam's two moments, 16 bytes per parameter, and π_ref's {frozen}), before activations and logits"
-    )
+    frozen = 2 if device else 4  # bytes per frozen parameter: bf16 on CUDA
+    if lora:
+        print(
+            f"expected for the weights alone: {frozen * params / 2**20:,.0f} MiB (the frozen base, {frozen} bytes per "
+            "parameter, which π_ref shares; the adapters and their Adam state are a few MiB), before activations"
+        )
+    else:
+        print(
+            f"expected for the weights alone: {(16 + frozen) * params / 2**20:,.0f} MiB (π_θ's float32 weights, "
+            f"gradients and Adam's two moments, 16 bytes per parameter, and π_ref's {frozen}), before activations"
+        )
+    errors = [r["first_minibatch_ratio_error"] for r in rows if "first_minibatch_ratio_error" in r]
+    print(f"first-minibatch ratio error max |r_t - 1| before the first step: {max(errors):g} (exactly 0 expected)")
     if device:
         gib = 2**30
         print(
@@ -264,8 +284,9 @@ def report(
         else:
             print(
                 f"MFU of the update: {model_flops / update / peak:.1%} ({model_flops / update / 1e12:.1f} of "
-                f"{peak / 1e12:.0f} TFLOP/s: 6 x the parameters outside the embedding and LM head x the tokens "
-                f"through the backbone, + 6 x the LM head's x the response tokens, over the update's forward, "
+                f"{peak / 1e12:.0f} TFLOP/s: {4 if lora else 6} x the parameters outside the embedding and LM head "
+                f"x the tokens through the backbone, + as many x the LM head's x the response positions, over the "
+                f"update's forward, "
                 f"backward and Adam; attention's own products not counted); counting the recomputed forward passes: "
                 f"{(model_flops + recomputed) / update / peak:.1%}"
             )
