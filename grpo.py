@@ -475,10 +475,9 @@ def main() -> None:
     beta = args.kl_coef
     run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
               f"{args.group_size} responses), {args.ppo_epochs} epochs x {args.num_minibatches} minibatches, "
-              f"at most {args.max_sampling_rounds} sampling rounds, baseline {args.baseline}, scale "
-              f"{args.scale_advantages}, loss over {args.loss_aggregation}, {args.surrogate} of the {args.ratio} ratio "
-              f"in [1 - {args.clip_range}, 1 + {args.clip_range_high or args.clip_range}], kl_coef {beta} "
-              f"({args.kl_penalty})")  # fmt: skip
+              f"up to {args.max_sampling_rounds} sampling rounds, baseline {args.baseline}, scale "
+              f"{args.scale_advantages}, loss over {args.loss_aggregation}, {args.surrogate} of the {args.ratio} "
+              f"ratio, kl_coef {beta} ({args.kl_penalty})")  # fmt: skip
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
     for iteration in range(run.first_iteration, num_iterations + 1):

@@ -1,8 +1,10 @@
-"""grpo.py: GRPO's three contested choices (advantages, KL penalty, loss aggregation) proved by exact
-enumeration, never by sampling, on the functions the script trains with: every response of an enumerable
-tabular policy, every N-tuple of a minibatch, every G-tuple of a group, in float64. Each test's name states
-the fact and its docstring the equation. Then the script: the ratio before the first step, micro-batching,
-β = 0 without π_ref, and end to end.
+"""grpo.py: GRPO's three contested choices (advantages, KL penalty, loss aggregation) and the four of 2025–26
+(clip-higher, dynamic sampling, GSPO's sequence ratio, CISPO) proved by exact enumeration, never by sampling, on
+the functions the script trains with: every response of an enumerable tabular policy, every N-tuple of a
+minibatch, every G-tuple of a group, in float64. Each test's name states the fact and its docstring the
+equation. Then the script: the ratio before the first step, micro-batching, β = 0 without π_ref, the KL's sign,
+dynamic sampling's batch, and end to end. KL divergences are named by their formula: KL(π_θ‖π_ref) is
+pi_theta_pi_ref in a name (the reverse KL of RLHF's convention), KL(π_ref‖π_θ) pi_ref_pi_theta (the forward).
 
 Notation: π = π_θ, y = (a_0, …, a_{|y|−1}) a response, s_t = a_<t the state token a_t is chosen in, d(s) the
 probability that π reaches state s, J = E_{y~π}[R(y)], ∇ = ∇_θ. "Expected gradient" is E_y[∇ loss(y)]: the
