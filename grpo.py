@@ -8,8 +8,9 @@ advantage of the whole response, its score against the rest of its group:
     A_i = r_i − mean_j r_j            --baseline group-mean (the paper's): (G − 1)/G of the same
     A_i ← A_i / std(r_1 … r_G)        --scale-advantages group (the paper's); batch: one std for all; none
 
-A group whose scores are all equal has A = 0 and teaches nothing; with --max-sampling-rounds > 1 (DAPO's dynamic
-sampling) such groups are dropped, judged by the raw score, and more prompts are sampled until the batch is full.
+A group whose scores are all equal has A = 0 and teaches nothing; by default (DAPO's dynamic sampling, up to
+--max-sampling-rounds rounds of prompts) such groups are dropped, judged by the raw score, and more prompts are
+sampled until the batch is full.
 Then, as PPO does, several epochs of shuffled minibatches on the batch, a gradient step on each, ascending
 
     L(θ) = Σ_i Σ_t w_{i,t}·[ min(r_t(θ)·A_i, clip(r_t(θ), 1 − ε_low, 1 + ε_high)·A_i) − β·k_t ],   r_t = π_θ/π_old
@@ -90,7 +91,7 @@ class Args:
     """prompts per iteration, over all processes"""
     group_size: int = 4
     """G: responses sampled for each prompt, the group whose scores are each one's baseline"""
-    max_sampling_rounds: int = 1
+    max_sampling_rounds: int = 4
     """DAPO's dynamic sampling: rounds of --num-prompts prompts an iteration may sample to fill its batch with groups
     whose scores differ (others are dropped); a batch still short after the last round is topped up with groups
     of equal scores. 1 = off: every group sampled is trained on"""
@@ -369,13 +370,12 @@ def rollout(policy, tok, prompts: list[str], args: Args, ref_policy) -> tuple[di
 
 
 def collect(policy, tok, rng: random.Random, args: Args, ref_policy, n_groups: int):
-    """A batch of n_groups groups of G responses (rollout), and the scores [R·n_groups, G] of every group sampled.
-    Each round samples n_groups new prompts. With --max-sampling-rounds R > 1 (DAPO's dynamic sampling) the batch
-    takes the first n_groups groups whose raw scores differ, sampling rounds until there are enough or R are done,
-    then tops up with groups of equal scores; it keeps the order sampled. The filter reads the raw score, never
-    the KL-shaped reward, which differs in nearly every group. Drawn i.i.d. and kept on a test of their own
-    scores, the kept groups are i.i.d. from the groups whose scores differ: without the KL in the reward the
-    expected step is the same ∇J, divided by P(a group's scores differ) (tests/test_grpo.py)."""
+    """A batch of n_groups groups of G responses, and the raw scores [groups sampled, G] of every group sampled.
+    Each round is a rollout of n_groups new prompts. With --max-sampling-rounds R > 1 (DAPO's dynamic sampling) the
+    batch is the first n_groups groups whose raw scores differ, in the order sampled, after as many rounds as that
+    takes, at most R (then groups of equal scores top it up). The raw score, because the KL-shaped reward differs
+    in nearly every group. Kept groups are i.i.d. from those whose scores differ: the expected step is the
+    unfiltered one over P(a group's scores differ) (docs/grpo.md)."""
     rounds = []
     for _ in range(args.max_sampling_rounds):
         prompts = [p for p in train_prompts(rng, n_groups) for _ in range(args.group_size)]
