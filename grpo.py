@@ -8,20 +8,26 @@ advantage of the whole response, its score against the rest of its group:
     A_i = r_i − mean_j r_j            --baseline group-mean (the paper's): (G − 1)/G of the same
     A_i ← A_i / std(r_1 … r_G)        --scale-advantages group (the paper's); batch: one std for all; none
 
+A group whose scores are all equal has A = 0 and teaches nothing; by default (DAPO's dynamic sampling, up to
+--max-sampling-rounds rounds of prompts) such groups are dropped, judged by the raw score, and more prompts are
+sampled until the batch is full.
 Then, as PPO does, several epochs of shuffled minibatches on the batch, a gradient step on each, ascending
 
-    L(θ) = Σ_i Σ_t w_{i,t}·[ min(r_t(θ)·A_i, clip(r_t(θ), 1 − ε, 1 + ε)·A_i) − β·k_t ],   r_t(θ) = π_θ/π_old
+    L(θ) = Σ_i Σ_t w_{i,t}·[ min(r_t(θ)·A_i, clip(r_t(θ), 1 − ε_low, 1 + ε_high)·A_i) − β·k_t ],   r_t = π_θ/π_old
 
 where w weighs each token in the minibatch (--loss-aggregation: over all its tokens, over each response's then
-over responses as the paper, or by a constant as Dr. GRPO) and k_t is a per-token estimate of the KL to π_ref
+over responses as the paper, or by a constant as Dr. GRPO) and k_t is a per-token estimate of KL(π_θ‖π_ref)
 (--kl-penalty: k3 as the paper or k2 in the loss; or k1 taken out of the loss and put in the reward, as ppo.py).
+ε_high > ε_low is DAPO's clip-higher. Two other surrogates of 2025: --ratio sequence (GSPO) puts the response's
+ratio s_i = exp(mean_t log r_t) in place of r_t, one clip per response; --surrogate cispo (CISPO) ascends
+sg[clip(r_t)]·A_i·log π_θ, so a token whose ratio is clipped keeps its gradient.
 What GRPO keeps from PPO: the ratio and its clip over several updates of one batch. What it drops: the critic
-and GAE; a prompt costs G samples instead of one sample and a value model. The defaults are the choices that
-tests/test_grpo.py proves keep the step along ∇J (token averaging only as the batch grows; docs/grpo.md); the
-paper's GRPO is
+and GAE; a prompt costs G samples instead of one sample and a value model. tests/test_grpo.py proves what each
+choice does to the expected step (docs/grpo.md): leave-one-out is exactly along ∇J; batch scaling and token
+averaging are consistent (along ∇J as the batch grows), not unbiased. The paper's GRPO is
 
     python grpo.py --baseline group-mean --scale-advantages group --loss-aggregation sequence \
-        --kl-coef 0.04 --kl-penalty k3-loss
+        --kl-coef 0.04 --kl-penalty k3-loss --max-sampling-rounds 1
 
     python grpo.py                              # the embedded addition policy, a few minutes on a CPU
     torchrun --nproc-per-node 8 grpo.py ...     # the same algorithm, data-parallel over 8 GPUs
@@ -29,8 +35,8 @@ paper's GRPO is
     python grpo.py --help
 
 The file, in reading order: Args; the task (`reward` and the prompts: the block to replace for your own task);
-GRPO's pieces (group_advantages, kl_penalty, token_weights, policy_loss); main() with the loop; then, below the
-banners, the language-model machinery and the plumbing, the same in every script.
+GRPO's pieces (group_advantages, batch_advantages, kl_penalty, token_weights, policy_loss, collect); main() with
+the loop; then, below the banners, the language-model machinery and the plumbing, the same in every script.
 Self-contained on purpose: copy this file (it needs nothing else from this project) into yours.
 """
 
@@ -85,6 +91,10 @@ class Args:
     """prompts per iteration, over all processes"""
     group_size: int = 4
     """G: responses sampled for each prompt, the group whose scores are each one's baseline"""
+    max_sampling_rounds: int = 4
+    """DAPO's dynamic sampling: rounds of --num-prompts prompts an iteration may sample to fill its batch with groups
+    whose scores differ (others are dropped); a batch still short after the last round is topped up with groups
+    of equal scores. 1 = off: every group sampled is trained on"""
     max_new_tokens: int = 6
     """longest response; one that has not emitted a stop token by then is cut off and scores 0"""
     temperature: float = 0.5
@@ -101,7 +111,15 @@ class Args:
     num_minibatches: int = 4
     """gradient steps per epoch; must divide --num-prompts x --group-size"""
     clip_range: float = 0.2
-    """ε: the ratio π_θ/π_old earns nothing for leaving [1 − ε, 1 + ε]"""
+    """ε_low: the ratio π_θ/π_old earns nothing for leaving [1 − ε_low, 1 + ε_high]"""
+    clip_range_high: float | None = None
+    """ε_high, the clip's upper side (DAPO's clip-higher: above ε_low); None = --clip-range, PPO's symmetric clip"""
+    ratio: Literal["token", "sequence"] = "token"
+    """the ratio that is clipped: per token, r_t = π_θ/π_old (PPO, GRPO), or per response,
+    s_i = exp(mean_t log r_t) (GSPO)"""
+    surrogate: Literal["clip", "cispo"] = "clip"
+    """the per-token objective: PPO's min(r·A, clip(r)·A), or CISPO's sg[clip(r)]·A·log π_θ, whose clipped tokens
+    keep their gradient"""
     baseline: Literal["leave-one-out", "group-mean"] = "leave-one-out"
     """b in A = r − b: the mean score of the group's other responses, or of the whole group (the paper's)"""
     scale_advantages: Literal["none", "batch", "group"] = "batch"
@@ -178,9 +196,11 @@ def group_advantages(
     error: divided by it they are NaN (0/0) or rounding over rounding (−0.82 each for 0.1, 0.1, 0.1), by
     std + 1e-6 a small nonzero (−1.4e-11), and a real deviation over a zero std + 1e-6 is ±1e6. Such a group
     carries no signal: it is zeroed explicitly. Any other group has some r_i − mean ≠ 0 (floating-point subtraction is 0
-    only for equal numbers); the deviations are divided by the largest of them before they are squared, so the
-    std cannot underflow to 0 (scores 0 and 1e-300 give ±0.71, not ±inf) and |A_i| ≤ √(G − 1) whatever the
-    rounding, (G − 1)/√G in exact arithmetic (group-mean; leave-one-out G/(G − 1) times these). With G = 1,
+    only for equal numbers). The scores are divided by the largest |r_j| before they are summed, so the mean cannot
+    overflow (scores near the float maximum would give inf − inf = NaN), and the deviations by the largest of them
+    before they are squared, so the std cannot underflow to 0 (scores 0 and 1e-300 give ±0.71, not ±inf):
+    |A_i| ≤ √(G − 1) whatever the scores and the rounding, (G − 1)/√G in exact arithmetic (group-mean;
+    leave-one-out G/(G − 1) times these). Unscaled, an A_i past the float maximum is ±inf, never NaN. With G = 1,
     group-mean gives 0; leave-one-out needs G ≥ 2."""
     G = scores.shape[-1]
     if baseline not in ("group-mean", "leave-one-out"):
@@ -190,24 +210,48 @@ def group_advantages(
     if G == 1:
         return torch.zeros_like(scores)
     constant = (scores == scores[..., :1]).all(-1, keepdim=True)
-    deviations = scores - scores.sum(-1, keepdim=True) / G
-    advantages = deviations if baseline == "group-mean" else G / (G - 1) * deviations
+    size = torch.where(constant, 1.0, scores.abs().amax(-1, keepdim=True))
+    deviations = scores / size - (scores / size).sum(-1, keepdim=True) / G  # (r_i − mean r) / size
+    c = 1.0 if baseline == "group-mean" else G / (G - 1)
     if scale:
         largest = torch.where(constant, 1.0, deviations.abs().amax(-1, keepdim=True))
         unit = deviations / largest  # |unit| ≤ 1, and 1 somewhere in a group that is not constant
-        std = (unit.pow(2).sum(-1, keepdim=True) / (G - 1)).sqrt()  # the std of r, over `largest`: ≥ 1/√(G − 1)
-        advantages = advantages / largest / torch.where(constant, 1.0, std)
+        std = (unit.pow(2).sum(-1, keepdim=True) / (G - 1)).sqrt()  # the std of r, over size·largest: ≥ 1/√(G − 1)
+        advantages = c * unit / torch.where(constant, 1.0, std)
+    else:
+        advantages = c * deviations * size
     return torch.where(constant, 0.0, advantages)
 
 
 def scale_by_batch_std(advantages: torch.Tensor) -> torch.Tensor:
     """The advantages divided by one standard deviation, of all the batch's (every process's): centred already,
     they keep their mean of 0 and each prompt its weight, and the step no longer depends on the reward's
-    units. A batch whose advantages are all 0 stays 0."""
-    rms = (
-        global_sum(advantages.pow(2).sum()) / global_sum(torch.tensor(advantages.numel(), device=advantages.device))
-    ).sqrt()
-    return advantages / torch.where(rms > 0, rms, 1.0)
+    units. They are divided by the largest |A| first, so no square overflows or underflows to 0. A batch whose
+    advantages are all 0 stays 0."""
+    largest = global_max(advantages.abs().max())
+    unit = advantages / torch.where(largest > 0, largest, 1.0)
+    n = global_sum(torch.tensor(advantages.numel(), device=advantages.device))
+    rms = (global_sum(unit.pow(2).sum()) / n).sqrt()
+    return unit / torch.where(rms > 0, rms, 1.0)
+
+
+def scores_differ(scores: torch.Tensor) -> torch.Tensor:
+    """Whether each group [..., G] of raw scores holds two different scores: those whose scores are all equal
+    have A = 0 (β = 0), and dynamic sampling drops them."""
+    return ~(scores == scores[..., :1]).all(-1)
+
+
+def batch_advantages(batch: dict, args: Args, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each response's reward R_i and advantage A_i (one per row of the batch, G rows a group). With the KL in the
+    reward, as ppo.py: R_i = r_i − β·Σ_t log(π_old/π_ref)(a_t|s_t), the per-token k1 of KL(π_θ‖π_ref) at θ_old."""
+    rewards = batch["scores"]
+    if beta > 0 and args.kl_penalty == "k1-reward":
+        rewards = rewards - beta * torch.where(batch["mask"], batch["logp_old"] - batch["logp_ref"], 0.0).sum(1)
+    groups = rewards.view(-1, args.group_size)
+    advantages = group_advantages(groups, args.baseline, scale=args.scale_advantages == "group").flatten()
+    if args.scale_advantages == "batch":
+        advantages = scale_by_batch_std(advantages)
+    return rewards, advantages
 
 
 def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: Literal["k1", "k2", "k3"]) -> torch.Tensor:
@@ -219,17 +263,20 @@ def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: Literal["k
         k3 = (ρ − 1) − log ρ,   ρ = π_ref/π_θ         (GRPO's estimator; ρ − 1 = expm1(log ρ) for accuracy)
 
     The loss adds β·k per token. On-policy and with one token (a categorical π), E_{a~π}[∇_θ k1] = 0,
-    E[∇_θ k2] = ∇_θ KL(π_θ‖π_ref) and E[∇_θ k3] = ∇_θ KL(π_ref‖π_θ), the reverse KL. Over responses of
-    several tokens, the per-token sums give these per state, weighted by π_θ's state distribution held fixed:
-    none is the gradient of the sequence-level KL(π_θ(y)‖π_ref(y)); −β·Σ_t k1 put in the reward (detached, a
-    score-function term) is. Padding may hold NaN: mask the result with torch.where."""
+    E[∇_θ k2] = ∇_θ KL(π_θ‖π_ref), the reverse (mode-seeking) KL of RLHF's convention, and E[∇_θ k3] =
+    ∇_θ KL(π_ref‖π_θ), the forward (mass-covering) one. Over responses of several tokens, the per-token sums
+    give these per state, weighted by π_θ's state distribution held fixed: none is the gradient of the
+    sequence-level KL(π_θ(y)‖π_ref(y)); −β·Σ_t k1 put in the reward (detached, a score-function term) is.
+    k3 takes log ρ at most 20, as veRL does: e^{log ρ} overflows float32 past 88, and past 20 (π_θ < 2e-9·π_ref)
+    its value stays e^20 − 21 and its gradient is 0. Padding may hold NaN: mask the result with torch.where."""
     log_ratio = logp - logp_ref  # log π_θ/π_ref = −log ρ
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio**2
     if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
+        log_rho = (-log_ratio).clamp(max=20.0)  # e^20 − 21 ≈ 4.9e8: finite in float32, and so is its square
+        return torch.expm1(log_rho) - log_rho
     raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', not {estimator!r}")
 
 
@@ -274,43 +321,123 @@ def weighted_loss(token_loss: torch.Tensor, weights: torch.Tensor, mask: torch.T
     return torch.where(mask, weights * token_loss, 0.0).sum()
 
 
-def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_range: float):
-    """Per token −min(r_t·A_t, clip(r_t, 1 − ε, 1 + ε)·A_t), and r_t. The min keeps the objective
-    a pessimistic bound on the unclipped one: clipping removes the incentive to move r_t further in
-    the direction A_t favours, never the penalty for moving it the wrong way."""
-    ratio = torch.exp(logp - logp_old)  # r_t = π_θ/π_old, from log-probs: no division by tiny π_old
-    return -torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages), ratio
+def policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    ratio: Literal["token", "sequence"] = "token",
+    surrogate: Literal["clip", "cispo"] = "clip",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token the loss ℓ_t, r_t = π_θ/π_old, and whether the clip changes ℓ_t; ρ_t is the ratio clipped:
+
+        ratio token:      ρ_t = r_t                                                      (PPO, GRPO)
+        ratio sequence:   ρ_t = sg[s_i]·π_θ(a_t|s_t)/sg[π_θ(a_t|s_t)],  s_i = exp((1/|y_i|)·Σ_t log r_t)   (GSPO)
+        surrogate clip:   ℓ_t = −min(ρ_t·A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A_t)      (PPO; DAPO: ε_high > ε_low)
+        surrogate cispo:  ℓ_t = −sg[clip(ρ_t, 1 − ε_low, 1 + ε_high)]·A_t·log π_θ(a_t|s_t)   (CISPO)
+
+    PPO's min keeps the objective a pessimistic bound on the unclipped one: the clip removes the incentive to
+    move ρ_t further in the direction A_t favours (there ∂ℓ_t/∂θ = 0), never the penalty for moving it the wrong
+    way. CISPO clips the weight instead: its gradient −clip(ρ_t)·A_t·∇log π_θ(a_t|s_t) never vanishes. GSPO's ρ_t
+    is s_i on every token of response i, one clip per response, with the gradient s_i·∇log π_θ(a_t|s_t): averaged
+    over the response's tokens it is GSPO's sequence objective −min(s_i·A_i, clip(s_i)·A_i) when A is per response."""
+    if ratio not in ("token", "sequence") or surrogate not in ("clip", "cispo"):
+        raise ValueError(f"ratio must be 'token' or 'sequence' and surrogate 'clip' or 'cispo', not {ratio!r}, "
+                         f"{surrogate!r}")  # fmt: skip
+    log_ratio = logp - logp_old  # log r_t, from log-probs: no division by a tiny π_old
+    log_rho = log_ratio
+    if ratio == "sequence":  # the mean over the response's own tokens, padding left out (it may hold NaN)
+        mean = torch.where(mask, log_ratio, 0.0).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
+        log_rho = logp - logp.detach() + mean.detach()
+    rho = torch.exp(log_rho)
+    clipped = rho.clamp(1 - clip_low, 1 + clip_high)
+    if surrogate == "clip":
+        loss, binds = -torch.min(rho * advantages, clipped * advantages), clipped * advantages < rho * advantages
+    else:
+        loss, binds = -clipped.detach() * advantages * logp, clipped != rho
+    return loss, torch.exp(log_ratio), binds
 
 
 @torch.no_grad()
-def rollout(policy, tok, prompts: list[str], args: Args, ref_policy) -> tuple[dict, int]:
-    """A response to each prompt from π_old, its score, and π_old, π_ref (if β > 0) and the entropy of π_old on
-    its tokens. Returns the batch, a dict of tensors with a row per response, and the prompt width."""
-    size, temperature = args.inference_batch_size, args.temperature
+def rollout(policy, tok, prompts: list[str], args: Args) -> tuple[dict, int]:
+    """A response to each prompt from π_old and its score. Returns the batch, a dict of tensors with a row per
+    response, and the prompt width."""
     model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
-    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, temperature, size,
-                                                 cuda_graph=args.cuda_graphs)  # fmt: skip
+    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
+                                                 args.inference_batch_size, cuda_graph=args.cuda_graphs)  # fmt: skip
     texts = decode(tok, ids[:, n_prompt:], mask, finished)
     scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
-    # π_old in passes of the update's micro-batch shape: the same kernels, so r_t = 1 exactly before the first step.
-    rows = min(args.micro_batch_size, len(prompts) // args.num_minibatches)
-    micro = [slice(i, i + rows) for i in range(0, len(prompts), rows)]
-    passes = [token_logprobs(policy, ids[c], attn[c], n_prompt, temperature, True) for c in micro]
-    batch = dict(ids=ids, attn=attn, mask=mask, scores=scores)
-    chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
+    return dict(ids=ids, attn=attn, mask=mask, scores=scores), n_prompt
+
+
+@torch.no_grad()
+def score(policy, ref_policy, batch: dict, n_prompt: int, args: Args) -> dict:
+    """The batch with log π_old and the entropy of π_old on its tokens, and log π_ref if β > 0. π_old in passes of
+    the update's micro-batch shape: the same kernels, so r_t = 1 exactly before the first step."""
+    ids, attn, temperature, size = batch["ids"], batch["attn"], args.temperature, args.inference_batch_size
+    rows = min(args.micro_batch_size, len(ids) // args.num_minibatches)
+    passes = [token_logprobs(policy, ids[i : i + rows], attn[i : i + rows], n_prompt, temperature, True)
+              for i in range(0, len(ids), rows)]  # fmt: skip
     batch["logp_old"], batch["entropy"] = (torch.cat(x) for x in zip(*passes))
     if ref_policy is not None:
-        batch["logp_ref"] = torch.cat([token_logprobs(ref_policy, ids[c], attn[c], n_prompt, temperature)[0]
-                                       for c in chunks])  # fmt: skip
-    return batch, n_prompt
+        batch["logp_ref"] = torch.cat([token_logprobs(ref_policy, ids[i : i + size], attn[i : i + size], n_prompt,
+                                                      temperature)[0] for i in range(0, len(ids), size)])  # fmt: skip
+    return batch
+
+
+def collect(policy, tok, rng: random.Random, args: Args, ref_policy, n_groups: int):
+    """A batch of n_groups groups of G responses, and the raw scores [groups sampled, G] of every group sampled.
+    Each round is a rollout of n_groups new prompts. With --max-sampling-rounds R > 1 (DAPO's dynamic sampling) the
+    batch is the first n_groups groups whose raw scores differ, in the order sampled, after as many rounds as that
+    takes, at most R (then groups of equal scores top it up). The raw score, because the KL-shaped reward differs
+    in nearly every group. Kept groups are i.i.d. from those whose scores differ: the expected step is the
+    unfiltered one over P(a group's scores differ) (docs/grpo.md). Only the batch kept is scored by π_old and π_ref."""
+    rounds = []
+    for _ in range(args.max_sampling_rounds):
+        prompts = [p for p in train_prompts(rng, n_groups) for _ in range(args.group_size)]
+        rounds.append(rollout(policy, tok, prompts, args))
+        scores = torch.cat([batch["scores"] for batch, _ in rounds]).view(-1, args.group_size)
+        differ = scores_differ(scores)
+        if differ.sum() >= n_groups:
+            break
+    chosen = torch.cat([differ.nonzero(), (~differ).nonzero()]).flatten()[:n_groups].sort().values
+    rows = (chosen[:, None] * args.group_size + torch.arange(args.group_size, device=chosen.device)).flatten()
+    batch, n_prompt = join(rounds, tok.pad_token_id)
+    return score(policy, ref_policy, {k: v[rows] for k, v in batch.items()}, n_prompt, args), n_prompt, scores
+
+
+def join(parts: list[tuple[dict, int]], pad_id: int) -> tuple[dict, int]:
+    """Batches of rollout as one, in the sampler's layout: prompts left-padded to the widest, responses (and
+    their masks and per-token values) right-padded to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    n_prompt, width = max(n for _, n in parts), max(batch["mask"].shape[1] for batch, _ in parts)
+
+    def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        return torch.cat([x.new_full((len(x), left), value), x, x.new_full((len(x), right), value)], 1)
+
+    joined = {}
+    for key in parts[0][0]:
+        columns = []
+        for batch, n in parts:
+            x, right = batch[key], width - batch["mask"].shape[1]
+            if key in ("ids", "attn"):  # [B, P + T]
+                x = pad(x, n_prompt - n, right, pad_id if key == "ids" else 0)
+            elif x.dim() == 2:  # [B, T]: the response mask
+                x = pad(x, 0, right, False if x.dtype == torch.bool else 0)
+            columns.append(x)
+        joined[key] = torch.cat(columns)
+    return joined, n_prompt
 
 
 def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: Args, beta: float):
     """One gradient step on a minibatch (this process's share: a dict of [b, ...] tensors), summed over
     micro-batches. Each token's weight in the loss comes from the whole minibatch's counts, over every
     process (token_weights), so neither the micro-batch size nor the number of processes changes the step.
-    Returns the gradient norm and, per micro-batch, the token mask and r_t, A_t, the clipped loss and the KL
-    term, for the log. A gradient that is not finite is never stepped on: FloatingPointError."""
+    Returns the gradient norm and, per micro-batch, the token mask, r_t, where the clip binds, the policy's loss
+    and the KL term, for the log. A gradient that is not finite is never stepped on: FloatingPointError."""
     mask = minibatch["mask"]
     n_responses, n_tokens = global_sum(torch.tensor(len(mask), device=mask.device)), global_sum(mask.sum())
     # DistributedDataParallel averages gradients over processes; the loss is a sum over them.
@@ -319,6 +446,7 @@ def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: A
         {k: v[i : i + args.micro_batch_size] for k, v in minibatch.items()}
         for i in range(0, len(mask), args.micro_batch_size)
     ]
+    clip_high = args.clip_range if args.clip_range_high is None else args.clip_range_high
     optimizer.zero_grad(set_to_none=True)
     logged = []
     for i, mb in enumerate(micro):
@@ -326,7 +454,8 @@ def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: A
         with contextlib.nullcontext() if sync else learner.no_sync():
             logp, _ = learner(mb["ids"], mb["attn"], n_prompt, args.temperature)
             advantages = mb["advantages"][:, None].expand_as(logp)  # A_i on every token of response i
-            pg_loss, ratio = policy_loss(logp, mb["logp_old"], advantages, args.clip_range)
+            pg_loss, ratio, clipped = policy_loss(logp, mb["logp_old"], advantages, mb["mask"], args.clip_range,
+                                                  clip_high, args.ratio, args.surrogate)  # fmt: skip
             kl = torch.zeros_like(logp)
             if args.kl_penalty != "k1-reward" and beta > 0:  # β·k per token, differentiated through log π_θ
                 kl = kl_penalty(logp, mb["logp_ref"], args.kl_penalty.removesuffix("-loss"))
@@ -334,7 +463,7 @@ def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: A
                                     logp.dtype)  # fmt: skip
             loss = weighted_loss(pg_loss + beta * kl, weights, mb["mask"])
             (loss * world).backward()
-        logged.append((mb["mask"], ratio.detach(), advantages, pg_loss.detach(), kl.detach()))
+        logged.append((mb["mask"], ratio.detach(), clipped, pg_loss.detach(), kl.detach()))
     grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
     if not torch.isfinite(grad_norm):
         raise FloatingPointError("non-finite gradient")
@@ -362,28 +491,22 @@ def main() -> None:
     beta = args.kl_coef
     run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
               f"{args.group_size} responses), {args.ppo_epochs} epochs x {args.num_minibatches} minibatches, "
-              f"baseline {args.baseline}, scale {args.scale_advantages}, loss over {args.loss_aggregation}, "
-              f"kl_coef {beta} ({args.kl_penalty})"
+              f"up to {args.max_sampling_rounds} sampling rounds, baseline {args.baseline}, scale "
+              f"{args.scale_advantages}, loss over {args.loss_aggregation}, {args.surrogate} of the {args.ratio} "
+              f"ratio, kl_coef {beta} ({args.kl_penalty})"
               + (f", LoRA rank {args.lora_rank} on {len(adapters.layers)} layers" if adapters else ""))  # fmt: skip
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
     for iteration in range(run.first_iteration, num_iterations + 1):
         try:
-            # 1. Collect: a group of G responses to each of P prompts, their scores, and π_old and π_ref on them.
-            prompts = [p for p in train_prompts(run.rng, local_prompts) for _ in range(args.group_size)]
-            batch, n_prompt = rollout(policy, tok, prompts, args, ref_policy)
-            run.note_equal_scores(batch["scores"], iteration)
+            # 1. Collect: a group of G responses to each of P prompts, their scores, and π_old and π_ref on them;
+            #    with dynamic sampling, only groups whose scores differ, sampled in rounds of P prompts.
+            batch, n_prompt, sampled = collect(policy, tok, run.rng, args, ref_policy, local_prompts)
+            run.note_equal_scores(sampled, iteration)
 
             # 2. Advantages: each response's reward against its group's, one A_i for all its tokens. With the KL
             #    in the reward, R_i = r_i − β·Σ_t log(π_old/π_ref), as ppo.py does.
-            rewards = batch["scores"]
-            if beta > 0 and args.kl_penalty == "k1-reward":
-                rewards = rewards - beta * torch.where(batch["mask"], batch["logp_old"] - batch["logp_ref"], 0.0).sum(1)
-            advantages = group_advantages(rewards.view(local_prompts, args.group_size), args.baseline,
-                                          scale=args.scale_advantages == "group").flatten()  # fmt: skip
-            if args.scale_advantages == "batch":
-                advantages = scale_by_batch_std(advantages)
-            batch["advantages"] = advantages
+            rewards, batch["advantages"] = batch_advantages(batch, args, beta)
 
             # 3. Update (not at iteration 0): epochs x shuffled minibatches, one Adam step each. The learning
             #    rate decays linearly to 0, so the last batches move the policy little.
@@ -400,7 +523,7 @@ def main() -> None:
 
             # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
             row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock(), "beta": beta}
-            row |= batch_stats(batch, rewards, args.group_size) | (update_stats(steps) if steps else {})
+            row |= batch_stats(batch, rewards, sampled) | (update_stats(steps) if steps else {})
             due = run.evaluation_due(iteration, batch_size, num_iterations)
             if due and run.rank == 0:
                 row |= evaluate(policy, tok, args)
@@ -412,16 +535,19 @@ def main() -> None:
     run.finish()
 
 
-def batch_stats(batch: dict, rewards: torch.Tensor, group_size: int) -> dict:
-    """What the log says of a batch of responses, over every process."""
+def batch_stats(batch: dict, rewards: torch.Tensor, sampled: torch.Tensor) -> dict:
+    """What the log says of a batch of responses, and of every group sampled for it [groups, G], over every
+    process."""
     mask, scores = batch["mask"], batch["scores"]
     n = global_sum(torch.tensor(len(mask), device=mask.device))
-    groups = scores.view(-1, group_size)
+    n_sampled = global_sum(torch.tensor(len(sampled), device=mask.device))
     row = {
         "reward_mean": global_sum(rewards.sum()) / n,  # score − β·KL with the KL in the reward, else the score
         "score_mean": global_sum(scores.sum()) / n,
-        # The share of groups whose scores are all equal: with no KL in the reward their advantages are 0.
-        "equal_score_groups": global_sum((groups == groups[:, :1]).all(1).sum()) / (n / group_size),
+        # The share of the groups sampled whose scores are all equal: with no KL in the reward their advantages
+        # are 0. Dynamic sampling drops them, and samples this many rounds of --num-prompts prompts.
+        "equal_score_groups": global_sum((~scores_differ(sampled)).sum()) / n_sampled,
+        "sampling_rounds": n_sampled * sampled.shape[1] / n,
         "advantage_std": (global_sum(batch["advantages"].pow(2).sum()) / n).sqrt(),  # their mean is 0
         "entropy": masked_mean(batch["entropy"], mask),
         "response_length": global_sum(mask.sum()) / n,
@@ -437,7 +563,7 @@ def update_stats(steps: list) -> dict:
     """Token means over every micro-batch of every step of an update, over every process."""
     grad_norms = [grad_norm for grad_norm, _ in steps]
     micro = [mb for _, logged in steps for mb in logged]
-    mask, ratio, advantages, pg_loss, kl = (torch.cat(x) for x in zip(*micro))
+    mask, ratio, clipped, pg_loss, kl = (torch.cat(x) for x in zip(*micro))
     first_mask, first_ratio = (torch.cat(x) for x in list(zip(*steps[0][1]))[:2])
     log_ratio = ratio.log()
     return floats({
@@ -445,8 +571,9 @@ def update_stats(steps: list) -> dict:
         "kl_loss": masked_mean(kl, mask),  # the estimator in the loss, per token (0 with the KL in the reward)
         "ratio_mean": masked_mean(ratio, mask),
         "ratio_max": global_max(ratio[mask].max()),
-        # The share of tokens where the clip binds: the clipped term is the smaller (as ppo.py counts it).
-        "clip_fraction": masked_mean((pg_loss > -ratio * advantages).float(), mask),
+        # The share of tokens where the clip changes the loss: PPO's clipped term is the smaller (as ppo.py counts
+        # it); CISPO's weight is clipped.
+        "clip_fraction": masked_mean(clipped.float(), mask),
         # CleanRL's approx_kl, (r − 1) − log r: k3 of KL(π_old‖π_θ), how far the update moved the policy.
         "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
         # Before the first step π_θ = π_old, so every r_t of the first minibatch must be 1 up to rounding.
@@ -959,16 +1086,22 @@ def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     """This script's own bad input: (is it bad, the error line)."""
     flag = lambda name: "--" + name.replace("_", "-")
     at_least_one = ["total_episodes", "num_prompts", "group_size", "max_new_tokens", "ppo_epochs", "num_minibatches"]
-    at_least_one += ["micro_batch_size", "inference_batch_size", "eval_every"]
+    at_least_one += ["micro_batch_size", "inference_batch_size", "eval_every", "max_sampling_rounds"]
     positive = ["learning_rate", "max_grad_norm", "temperature", "clip_range"]
     problems = [(not getattr(args, name) >= 1, f"{flag(name)} must be >= 1") for name in at_least_one]
     problems += [(not getattr(args, name) > 0, f"{flag(name)} must be > 0") for name in positive]
     responses = args.num_prompts // max(world, 1) * args.group_size
     minibatch = responses // args.num_minibatches if args.num_minibatches >= 1 else 0
     return problems + [
+        (args.clip_range_high is not None and not args.clip_range_high > 0, "--clip-range-high must be > 0"),
         (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
         (not args.lora_rank >= 0, "--lora-rank must be >= 0"),
         (not args.lora_alpha > 0, "--lora-alpha must be > 0"),
+        (
+            args.scale_advantages == "group" and args.kl_penalty == "k1-reward" and args.kl_coef > 0,
+            "--scale-advantages group with the KL in the reward (--kl-penalty k1-reward) makes a group of equal scores "
+            "-(KL_i - mean)/std(KL) whatever --kl-coef is: scale by batch or none, or put the KL in the loss",
+        ),
         (args.num_prompts % world != 0, f"--num-prompts {args.num_prompts} must split over {world} processes"),
         (
             args.group_size < 2 and (args.baseline == "leave-one-out" or args.scale_advantages == "group"),

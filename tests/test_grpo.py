@@ -1,19 +1,24 @@
-"""grpo.py: GRPO's three contested choices (advantages, KL penalty, loss aggregation) proved by exact
-enumeration, never by sampling, on the functions the script trains with: every response of an enumerable
-tabular policy, every N-tuple of a minibatch, every G-tuple of a group, in float64. Each test's name states
-the fact and its docstring the equation. Then the script: the ratio before the first step, micro-batching,
-β = 0 without π_ref, and end to end.
+"""grpo.py: GRPO's three contested choices (advantages, KL penalty, loss aggregation) and the four of 2025–26
+(clip-higher, dynamic sampling, GSPO's sequence ratio, CISPO) proved by exact enumeration, never by sampling, on
+the functions the script trains with: every response of an enumerable tabular policy, every N-tuple of a
+minibatch, every G-tuple of a group, in float64. Each test's name states the fact and its docstring the
+equation. Then the script: the ratio before the first step, micro-batching, β = 0 without π_ref, the KL's sign,
+dynamic sampling's batch, and end to end. KL divergences are named by their formula: KL(π_θ‖π_ref) is
+pi_theta_pi_ref in a name (the reverse KL of RLHF's convention), KL(π_ref‖π_θ) pi_ref_pi_theta (the forward).
 
 Notation: π = π_θ, y = (a_0, …, a_{|y|−1}) a response, s_t = a_<t the state token a_t is chosen in, d(s) the
 probability that π reaches state s, J = E_{y~π}[R(y)], ∇ = ∇_θ. "Expected gradient" is E_y[∇ loss(y)]: the
 sampling distribution is held fixed, as it is when a sampled batch is differentiated."""
 
 import copy
+import dataclasses
 import functools
 import itertools
 import json
 import math
+import random
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,19 +115,19 @@ def expected_reward_gradient(theta, rewards, responses=RESPONSES, max_len=MAX_LE
     return grad(lambda t: (sequence_logprobs(t, responses, max_len).exp() * rewards).sum(), theta)
 
 
-def sequence_kl_gradient(theta, theta_ref, reverse: bool = False, max_len: int = MAX_LEN):
+def sequence_kl_gradient(theta, theta_ref, ref_first: bool = False, max_len: int = MAX_LEN):
     """∇ KL(π(y)‖π_ref(y)) = ∇ Σ_y π(y)·log(π(y)/π_ref(y)), or ∇ KL(π_ref(y)‖π(y)), of the exact sequence KL."""
     responses = all_responses(max_len)
     logp_ref = sequence_logprobs(theta_ref, responses, max_len)
 
     def kl(t):
         logp = sequence_logprobs(t, responses, max_len)
-        return (logp_ref.exp() * (logp_ref - logp)).sum() if reverse else (logp.exp() * (logp - logp_ref)).sum()
+        return (logp_ref.exp() * (logp_ref - logp)).sum() if ref_first else (logp.exp() * (logp - logp_ref)).sum()
 
     return grad(kl, theta)
 
 
-def per_state_kl_gradient(theta, theta_ref, reverse: bool = False, max_len: int = MAX_LEN, d=None):
+def per_state_kl_gradient(theta, theta_ref, ref_first: bool = False, max_len: int = MAX_LEN, d=None):
     """Σ_s d(s)·∇ KL(π(·|s)‖π_ref(·|s)) (or of KL(π_ref(·|s)‖π(·|s))) with d held fixed: each state's KL is
     differentiated, the probability of reaching the state is not. d defaults to π's state distribution."""
     d = state_probs(theta, max_len) if d is None else d
@@ -130,7 +135,7 @@ def per_state_kl_gradient(theta, theta_ref, reverse: bool = False, max_len: int 
 
     def kl(t):
         logp = log_softmax(t)
-        per_state = logp_ref.exp() * (logp_ref - logp) if reverse else logp.exp() * (logp - logp_ref)
+        per_state = logp_ref.exp() * (logp_ref - logp) if ref_first else logp.exp() * (logp - logp_ref)
         return (d * per_state.sum(-1)).sum()
 
     return grad(kl, theta)
@@ -174,7 +179,7 @@ def test_one_token_k1_in_the_loss_has_expected_gradient_zero(logits):
 
 
 @given(categoricals)
-def test_one_token_k2_in_the_loss_has_the_gradient_of_the_forward_kl(logits):
+def test_one_token_k2_in_the_loss_has_the_gradient_of_kl_pi_theta_pi_ref(logits):
     """E_π[∇ ½(log π − log π_ref)²] = Σ_y ∇π(y)·log(π/π_ref)(y) = ∇ KL(π‖π_ref), as Σ_y π·∇log π = 0."""
     theta, theta_ref = logits
     expected = grad(lambda t: categorical_kl(log_softmax(t), log_softmax(theta_ref)), theta)
@@ -182,16 +187,17 @@ def test_one_token_k2_in_the_loss_has_the_gradient_of_the_forward_kl(logits):
 
 
 @given(categoricals)
-def test_one_token_k3_in_the_loss_has_the_gradient_of_the_reverse_kl(logits):
+def test_one_token_k3_in_the_loss_has_the_gradient_of_kl_pi_ref_pi_theta(logits):
     """∇ k3 = ∇(ρ − 1 − log ρ) = (1 − ρ)·∇log π with ρ = π_ref/π, so E_π[∇ k3] = −Σ_y π_ref(y)·∇log π(y)
-    = ∇ KL(π_ref‖π): GRPO's k3 in the loss follows the reverse KL, not the KL(π‖π_ref) it estimates."""
+    = ∇ KL(π_ref‖π): GRPO's k3 in the loss follows KL(π_ref‖π), the forward (mass-covering) KL, not the
+    KL(π‖π_ref) it estimates, the reverse (mode-seeking) KL of RLHF's objective."""
     theta, theta_ref = logits
     expected = grad(lambda t: categorical_kl(log_softmax(theta_ref), log_softmax(t)), theta)
     assert_close(categorical_expected_gradient(theta, theta_ref, "k3"), expected, rtol=1e-9, atol=1e-12)
 
 
 @given(categoricals, st.floats(0.01, 2))
-def test_one_token_minus_beta_k1_in_the_reward_ascends_minus_beta_times_the_forward_kl(logits, beta):
+def test_one_token_minus_beta_k1_in_the_reward_ascends_minus_beta_times_kl_pi_theta_pi_ref(logits, beta):
     """With r = −β·k1 detached, the score-function step E_π[r(y)·∇log π(y)] = −β·Σ_y ∇π·log(π/π_ref)
     = −β·∇ KL(π‖π_ref)."""
     theta, theta_ref = logits
@@ -212,7 +218,7 @@ def test_summed_k1_in_the_loss_has_expected_gradient_zero_over_whole_responses(t
 
 
 @given(tables, tables)
-def test_summed_k2_in_the_loss_is_the_per_state_forward_kl_gradient_with_states_held_fixed(theta, theta_ref):
+def test_summed_k2_in_the_loss_is_the_per_state_kl_pi_theta_pi_ref_gradient_with_states_held_fixed(theta, theta_ref):
     """E_y[∇ Σ_t k2(a_t|s_t)] = Σ_t E_{s_t~π}[∇ KL(π(·|s_t)‖π_ref(·|s_t))] = Σ_s d(s)·∇ KL_s with d fixed:
     each state's categorical fact, weighted by how often π reaches the state."""
     expected = per_state_kl_gradient(theta, theta_ref)
@@ -239,24 +245,25 @@ def test_summed_k2_is_not_the_sequence_kl_gradient_on_longer_responses():
 
 
 @given(tables, tables)
-def test_summed_k3_in_the_loss_is_the_per_state_reverse_kl_gradient_with_states_held_fixed(theta, theta_ref):
+def test_summed_k3_in_the_loss_is_the_per_state_kl_pi_ref_pi_theta_gradient_with_states_held_fixed(theta, theta_ref):
     """E_y[∇ Σ_t k3(a_t|s_t)] = Σ_s d_π(s)·∇ KL(π_ref(·|s)‖π(·|s)) with d_π fixed."""
-    expected = per_state_kl_gradient(theta, theta_ref, reverse=True)
+    expected = per_state_kl_gradient(theta, theta_ref, ref_first=True)
     assert_close(expected_penalty_gradient(theta, theta_ref, "k3"), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_summed_k3_is_neither_sequence_kl_gradient_on_longer_responses():
     """∇ KL(π_ref(y)‖π(y)) = −Σ_y π_ref(y)·∇log π(y) = Σ_s d_ref(s)·∇ KL(π_ref(·|s)‖π(·|s)) weighs the states by
     π_ref's state distribution d_ref, summed k3 by π's: they differ by Σ_s (d_π − d_ref)(s)·∇ KL(π_ref(·|s)‖π(·|s)).
-    The forward sequence KL is another divergence again: on a seeded θ summed k3 is more than 0.05 from both."""
+    The sequence KL(π(y)‖π_ref(y)) is another divergence again: on a seeded θ summed k3 is more than 0.05 from
+    both."""
     theta, theta_ref = seeded_table(0), seeded_table(1)
     k3 = expected_penalty_gradient(theta, theta_ref, "k3")
-    reverse = sequence_kl_gradient(theta, theta_ref, reverse=True)
+    ref_pi = sequence_kl_gradient(theta, theta_ref, ref_first=True)  # ∇ KL(π_ref(y)‖π(y))
     d_ref = state_probs(theta_ref)
-    assert_close(per_state_kl_gradient(theta, theta_ref, reverse=True, d=d_ref), reverse, rtol=1e-9, atol=1e-12)
-    difference = per_state_kl_gradient(theta, theta_ref, reverse=True, d=state_probs(theta) - d_ref)
-    assert_close(k3 - reverse, difference, rtol=1e-9, atol=1e-12)
-    assert (k3 - reverse).abs().max() > 0.05 and (k3 - sequence_kl_gradient(theta, theta_ref)).abs().max() > 0.05
+    assert_close(per_state_kl_gradient(theta, theta_ref, ref_first=True, d=d_ref), ref_pi, rtol=1e-9, atol=1e-12)
+    difference = per_state_kl_gradient(theta, theta_ref, ref_first=True, d=state_probs(theta) - d_ref)
+    assert_close(k3 - ref_pi, difference, rtol=1e-9, atol=1e-12)
+    assert (k3 - ref_pi).abs().max() > 0.05 and (k3 - sequence_kl_gradient(theta, theta_ref)).abs().max() > 0.05
 
 
 @given(tables, tables, st.floats(0.01, 2))
@@ -278,6 +285,21 @@ def test_minus_beta_k1_in_the_reward_in_total_or_to_go_ascends_minus_beta_times_
             return (weights * torch.where(mask, scale * logp, 0.0).sum(1)).sum()
 
         assert_close(grad(surrogate, theta), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_k3_and_its_gradient_stay_finite_in_float32_however_far_pi_theta_falls_below_pi_ref():
+    """k3 = e^{log ρ} − 1 − log ρ, ρ = π_ref/π_θ, overflows float32 once log ρ > 88. kl_penalty takes log ρ at most 20
+    (veRL's bound): k3 and ∂k3/∂log π_θ = 1 − ρ are exact (to float32 rounding) up to 20, and past it e^20 − 21
+    and 0, finite for any log π_θ − log π_ref. (veRL's further clamp of k3 at 10 nats would change k3 from
+    log ρ ≈ 2.6 on, where the enumerations above hold it exact.)"""
+    log_rho = torch.tensor([-1e4, -30, -1, 0, 1, 2.7, 10, 19.9, 20, 20.5, 89, 1e4], dtype=torch.float32)
+    logp = (-log_rho).requires_grad_(True)  # log π_θ, with log π_ref = 0
+    k3 = grpo.kl_penalty(logp, torch.zeros_like(logp), "k3")
+    (gradient,) = torch.autograd.grad(k3.sum(), logp)
+    assert k3.isfinite().all() and gradient.isfinite().all()
+    x = log_rho.double().clamp(max=20)
+    assert_close(k3.double(), torch.expm1(x) - x, rtol=1e-6, atol=1e-6)
+    assert_close(gradient.double(), torch.where(log_rho <= 20, -torch.expm1(x), 0.0), rtol=1e-6, atol=1e-6)
 
 
 # ---- Loss aggregation ----
@@ -460,21 +482,127 @@ def test_normalising_each_micro_batch_by_its_own_token_count_changes_the_gradien
     assert (per_micro - whole).abs().max() > 0.01
 
 
+# ---- The surrogate: PPO's clip with ε_low and ε_high, GSPO's sequence ratio, CISPO ----
+def token_loss_and_gradient(logp, logp_old, advantages, eps, surrogate="clip"):
+    """policy_loss on one-token responses: each token's loss ℓ, ∂ℓ/∂log π_θ by autograd, r and where the clip binds."""
+    logp = logp[:, None].clone().requires_grad_(True)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    loss, ratio, binds = grpo.policy_loss(logp, logp_old[:, None], advantages[:, None], mask, *eps, "token", surrogate)
+    (gradient,) = torch.autograd.grad(loss.sum(), logp)
+    return loss.detach().flatten(), gradient.flatten(), ratio.detach().flatten(), binds.flatten()
+
+
+tokens = st.integers(1, 8).flatmap(lambda n: st.tuples(reals(n, -1, 1), reals(n, -1, 1), reals(n, -3, 3)))
+clip_ranges = st.tuples(st.floats(0.01, 0.5), st.floats(0.01, 0.5))  # ε_low, ε_high
+
+
+def away_from_the_clip(ratio, eps) -> bool:
+    """No r within 1e-9 of 1 − ε_low or 1 + ε_high, where the clipped loss has no derivative."""
+    return bool(((ratio - (1 - eps[0])).abs().min() > 1e-9) and ((ratio - (1 + eps[1])).abs().min() > 1e-9))
+
+
+@given(tokens, clip_ranges)
+def test_the_clip_zeroes_the_gradient_exactly_where_it_binds_each_side_with_its_own_epsilon(tokens, eps):
+    """ℓ = −min(r·A, clip(r, 1 − ε_low, 1 + ε_high)·A): ∂ℓ/∂log π_θ = −r·A, except where the clip binds, A > 0 and
+    r > 1 + ε_high or A < 0 and r < 1 − ε_low, where it is 0 and `binds` says so: moving r further the way A favours
+    earns nothing, moving it the other way is never spared. Each side has its own ε (DAPO's clip-higher)."""
+    loss, gradient, ratio, binds = token_loss_and_gradient(*tokens, eps)
+    _, _, advantages = tokens
+    assume(away_from_the_clip(ratio, eps))
+    expected_binds = ((advantages > 0) & (ratio > 1 + eps[1])) | ((advantages < 0) & (ratio < 1 - eps[0]))
+    assert torch.equal(binds, expected_binds)
+    assert_close(gradient, torch.where(expected_binds, 0.0, -ratio * advantages), rtol=1e-12, atol=0)
+    assert_close(loss, -torch.minimum(ratio * advantages, ratio.clamp(1 - eps[0], 1 + eps[1]) * advantages))
+
+
+@given(tokens, st.floats(0.01, 0.5))
+def test_equal_epsilons_are_ppos_clip(tokens, eps):
+    """ε_low = ε_high = ε: the surrogate is PPO's, −min(r·A, clip(r, 1 − ε, 1 + ε)·A), in value (here by hand, per
+    token) and in gradient (0 exactly where r leaves [1 − ε, 1 + ε] the way A favours, −r·A elsewhere)."""
+    loss, gradient, ratio, _ = token_loss_and_gradient(*tokens, (eps, eps))
+    _, _, advantages = tokens
+    assume(away_from_the_clip(ratio, (eps, eps)))
+    for ell, g, r, a in zip(loss.tolist(), gradient.tolist(), ratio.tolist(), advantages.tolist()):
+        clipped = min(max(r, 1 - eps), 1 + eps)
+        assert ell == pytest.approx(-min(r * a, clipped * a), rel=1e-12, abs=1e-15)
+        assert g == pytest.approx(0.0 if clipped * a < r * a else -r * a, rel=1e-12, abs=1e-15)
+
+
+@given(tokens, clip_ranges)
+def test_cispos_gradient_is_the_clipped_ratio_times_the_advantage_even_where_the_clip_binds(tokens, eps):
+    """CISPO: ℓ = −sg[clip(r, 1 − ε_low, 1 + ε_high)]·A·log π_θ, so ∂ℓ/∂log π_θ = −clip(r)·A on every token. Where
+    PPO's clip binds its gradient is 0; CISPO's is −(1 + ε_high)·A or −(1 − ε_low)·A: the token keeps learning.
+    `binds` marks the tokens whose weight is clipped."""
+    _, gradient, ratio, binds = token_loss_and_gradient(*tokens, eps, "cispo")
+    _, ppo_gradient, _, ppo_binds = token_loss_and_gradient(*tokens, eps, "clip")
+    _, _, advantages = tokens
+    assume(away_from_the_clip(ratio, eps))
+    clipped = ratio.clamp(1 - eps[0], 1 + eps[1])
+    assert_close(gradient, -clipped * advantages, rtol=1e-12, atol=0)
+    assert torch.equal(binds, clipped != ratio)
+    assert (ppo_gradient[ppo_binds] == 0).all() and (gradient[ppo_binds & (advantages != 0)] != 0).all()
+
+
+@given(tables, tables, st.lists(st.integers(0, len(RESPONSES) - 1), min_size=1, max_size=6), st.data(), clip_ranges)
+def test_gspo_token_and_gspo_coincide_when_the_advantage_is_per_response(theta, theta_old, rows, data, eps):
+    """GSPO maximises J = (1/N)·Σ_i min(s_i·A_i, clip(s_i, 1 − ε_low, 1 + ε_high)·A_i), one ratio and one clip per
+    response, s_i = exp((1/|y_i|)·Σ_t log(π_θ/π_old)(a_t|s_t)). policy_loss with --ratio sequence computes GSPO-token,
+    whose per-token ratio has the value s_i and the gradient s_i·∇log π_θ(a_t|s_t); averaged over each response's
+    tokens and then over responses (token_weights' sequence mode), with A_i on every token of y_i, its loss is −J
+    in value and gradient, NaN padding left out; and the clip binds on all of a response's tokens or on none."""
+    responses = [RESPONSES[i] for i in rows]
+    advantages = data.draw(reals(len(rows), -3, 3))
+    logp_old, mask = token_logprobs(theta_old, responses)
+
+    def gspo_token(t):
+        logp, _ = token_logprobs(t, responses)
+        per_token = torch.where(mask, advantages[:, None], math.nan)
+        loss, _, binds = grpo.policy_loss(logp, logp_old, per_token, mask, *eps, "sequence")
+        weights = grpo.token_weights(mask, "sequence", len(rows), int(mask.sum()), MAX_LEN, torch.float64)
+        return grpo.weighted_loss(loss, weights, mask), binds
+
+    def gspo(t):
+        log_ratio = torch.where(mask, token_logprobs(t, responses)[0] - logp_old, 0.0)
+        s = (log_ratio.sum(1) / mask.sum(1)).exp()
+        return -torch.minimum(s * advantages, s.clamp(1 - eps[0], 1 + eps[1]) * advantages).mean(), s
+
+    loss, binds = gspo_token(theta)
+    expected, s = gspo(theta)
+    assume(away_from_the_clip(s, eps))
+    assert_close(loss, expected, rtol=1e-12, atol=1e-15)
+    assert_close(grad(lambda t: gspo_token(t)[0], theta), grad(lambda t: gspo(t)[0], theta), rtol=1e-9, atol=1e-12)
+    assert all(len(set(row[m].tolist())) == 1 for row, m in zip(binds, mask))
+
+
 # ---- Group advantages ----
-def expected_group_gradient(theta, rewards, G: int, baseline: str, scale: bool):
+def all_groups(K: int, G: int) -> torch.Tensor:
+    """Every G-tuple of K one-token responses [K^G, G]."""
+    return torch.cartesian_prod(*[torch.arange(K)] * G).view(-1, G)
+
+
+def expected_group_gradient(theta, rewards, G: int, baseline: str, scale: bool, dynamic=False, shaped=None):
     """Prompt p's policy is softmax(θ[p]) over K one-token responses with rewards[p] [K]. The exact expectation,
     over every G-tuple of responses to every prompt, of the ascent step ∇ (1/(P·G))·Σ_p Σ_i A_{p,i}·log π(y_{p,i}|p):
-    all K^G groups of a prompt go to group_advantages at once, one per row."""
+    all K^G groups of a prompt go to group_advantages at once, one per row. The advantages come from `shaped`
+    rewards [P, K] if given (the KL in the reward). dynamic=True: the expected step of a batch of groups drawn
+    i.i.d. (the prompt uniform) and kept when grpo.scores_differ on their raw rewards, each group weighted by
+    P(p, g)·keep(g) / P(keep)."""
     P, K = theta.shape
-    groups = torch.cartesian_prod(*[torch.arange(K)] * G).view(-1, G)  # [K^G, G]
+    groups = all_groups(K, G)
     pi = log_softmax(theta).exp()
+    shaped = rewards if shaped is None else shaped
+    weights = [pi[p][groups].prod(1, keepdim=True) for p in range(P)]
+    if dynamic:
+        weights = [w * grpo.scores_differ(rewards[p][groups])[:, None] for p, w in enumerate(weights)]
+        kept = sum(w.sum() for w in weights) / P
+        weights = [w / kept for w in weights]
 
     def surrogate(t):
         logp = log_softmax(t)
         total = 0.0
         for p in range(P):
-            advantages = grpo.group_advantages(rewards[p][groups], baseline, scale)
-            total = total + (pi[p][groups].prod(1, keepdim=True) * advantages * logp[p][groups]).sum()
+            advantages = grpo.group_advantages(shaped[p][groups], baseline, scale)
+            total = total + (weights[p] * advantages * logp[p][groups]).sum()
         return total / (P * G)
 
     return grad(surrogate, theta)
@@ -597,19 +725,26 @@ def test_advantages_are_the_centred_scores_over_the_sample_std(groups, scale):
             assert_close(row, torch.tensor(by_hand, dtype=torch.float64), rtol=1e-9, atol=1e-9)
 
 
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
 def near_constant(G: int):
-    """Groups spread over many orders of magnitude, within a few ulps of each other, or tiny (their squared
-    deviations underflow)."""
-    return st.one_of(reals(G, -1e6, 1e6), reals(G, 1, 1 + 1e-12), reals(G, -1e-300, 1e-300))
+    """Groups spread over many orders of magnitude, within a few ulps of each other, tiny (their squared
+    deviations underflow), near the float maximum (their sum overflows), or anywhere in the float range."""
+    anywhere = st.lists(finite, min_size=G, max_size=G).map(lambda xs: torch.tensor(xs, dtype=torch.float64))
+    huge = st.tuples(reals(G, 1e308, 1.79e308), st.sampled_from([1.0, -1.0])).map(lambda x: x[0] * x[1])
+    return st.one_of(reals(G, -1e6, 1e6), reals(G, 1, 1 + 1e-12), reals(G, -1e-300, 1e-300), huge, anywhere)
 
 
 @given(st.integers(2, 8).flatmap(near_constant))
-def test_scaled_advantages_are_finite_and_bounded_even_when_scores_differ_by_a_rounding_error(scores):
+def test_advantages_are_finite_and_bounded_for_any_finite_scores(scores):
     """In exact arithmetic |r_i − mean r|/s ≤ (G − 1)/√G for the sample std s (one outlier attains it). Computed,
     they stay finite and within √(G − 1) (group-mean) or G/√(G − 1) (leave-one-out, G/(G − 1) times as large)
-    for any finite scores, even 0 and 1e-300, whose squared deviations underflow (s computed from them is 0 and
-    A = ±inf); and within (G − 1)/√G when the spread is well above rounding: more than 1e-6 of the largest |r_i|,
-    which is not subnormal (5e-324 and 0 give 1 and 0: their mean rounds to one of them)."""
+    for any finite scores: 0 and 1e-300, whose squared deviations underflow (s computed from them is 0 and
+    A = ±inf), and scores near the float maximum, whose sum overflows (inf − inf = NaN); and within (G − 1)/√G
+    when the spread is well above rounding: more than 1e-6 of the largest |r_i|, which is not subnormal (5e-324
+    and 0 give 1 and 0: their mean rounds to one of them). Unscaled, an advantage past the float maximum is ±inf
+    (r = ±1.7e308 are 3.4e308 apart), never NaN."""
     G = len(scores)
     group_mean = grpo.group_advantages(scores[None], "group-mean", True)
     leave_one_out = grpo.group_advantages(scores[None], "leave-one-out", True)
@@ -620,21 +755,214 @@ def test_scaled_advantages_are_finite_and_bounded_even_when_scores_differ_by_a_r
         assert group_mean.abs().max() <= (G - 1) / math.sqrt(G) * (1 + 1e-6)
     if scores.min() < scores.max():  # not constant: some response is preferred
         assert (group_mean != 0).any()
+    for baseline in ("group-mean", "leave-one-out"):
+        assert not grpo.group_advantages(scores[None], baseline, False).isnan().any()
 
 
-# Rounded to 1e-6: an advantage whose square underflows (5e-324² = 0) is 0 to the machine, and so is its RMS.
-@given(st.integers(1, 6).flatmap(lambda P: reals(P * 4, -3, 3)).map(lambda a: a.round(decimals=6)))
+@given(
+    st.integers(1, 6).flatmap(
+        lambda P: st.one_of(reals(P * 4, -3, 3), st.lists(finite, min_size=P * 4, max_size=P * 4))
+    )
+)
 def test_batch_scaling_divides_every_advantage_by_one_standard_deviation(advantages):
     """--scale-advantages batch: A / sqrt(mean A²) with one divisor for the whole batch (centred advantages: the
-    RMS is their std), so each prompt keeps its weight relative to the others and E[step] stays along ∇J up to
-    one positive factor; the result has RMS 1, and a batch of zeros stays zeros, not NaN."""
+    RMS is their std), so each prompt keeps its weight relative to the others: the result is c·A for one c > 0
+    (to 1e-12 of its largest entry: an entry 1e-300 of the largest underflows) with RMS 1, for any finite A, those
+    whose squares overflow (1e200) or underflow (5e-324) included; a batch of zeros stays zeros, not NaN."""
+    advantages = torch.as_tensor(advantages, dtype=torch.float64)
     scaled = grpo.scale_by_batch_std(advantages)
-    ratio = scaled[advantages != 0] / advantages[advantages != 0]
-    if len(ratio):
-        assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-12, atol=0)
-        assert ratio[0] > 0
+    assert scaled.isfinite().all()
+    largest = advantages.abs().max()
+    if largest > 0:
+        c = scaled[advantages.abs().argmax()].abs()  # c·largest
+        assert_close(scaled, advantages / largest * c, rtol=1e-12, atol=1e-12 * c.item())
         assert_close(scaled.pow(2).mean(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-12, atol=0)
     assert_close(grpo.scale_by_batch_std(torch.zeros_like(advantages)), torch.zeros_like(advantages), rtol=0, atol=0)
+
+
+def shaped_batch(scores, kl_per_token, mask):
+    """A batch as batch_advantages reads it: raw scores [B], and log π_old − log π_ref = kl_per_token [B, T] on the
+    valid tokens (NaN on padding)."""
+    logp_old = torch.where(mask, -1.0, math.nan)
+    return dict(scores=scores, mask=mask, logp_old=logp_old, logp_ref=logp_old - kl_per_token)
+
+
+groups_of_equal_scores = st.integers(2, 5).flatmap(
+    lambda G: st.tuples(st.just(G), st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=4), st.data())
+)
+
+
+@given(groups_of_equal_scores, st.floats(0.01, 1), st.sampled_from(["leave-one-out", "group-mean"]))
+def test_with_the_kl_in_the_reward_the_advantages_are_those_of_the_score_minus_beta_times_the_summed_k1(
+    problem, beta, baseline
+):
+    """--kl-penalty k1-reward: R_i = r_i − β·Σ_t log(π_old/π_ref)(a_t|s_t) over y_i's valid tokens, and A_i its
+    advantage within the group: in groups whose raw scores are all equal, A_i = −β·(K_i − mean_{j≠i} K_j), K_i the
+    summed k1 (leave-one-out; by hand), not 0. With the KL in the loss, the advantages are the raw scores'."""
+    G, values, data = problem
+    scores = torch.tensor(values, dtype=torch.float64).repeat_interleave(G)  # every group of equal scores
+    mask = torch.tensor([[True] * n + [False] * (3 - n) for n in data.draw(st.lists(st.integers(1, 3),
+                        min_size=len(scores), max_size=len(scores)))])  # fmt: skip
+    kl = torch.where(mask, data.draw(reals(mask.numel(), -2, 2)).view(mask.shape), math.nan)
+    batch = shaped_batch(scores, kl, mask)
+    args = grpo.Args(group_size=G, baseline=baseline, scale_advantages="none")
+    rewards, advantages = grpo.batch_advantages(batch, args, beta)
+    K = torch.where(mask, kl, 0.0).sum(1)
+    assert_close(rewards, scores - beta * K, rtol=1e-12, atol=1e-12)
+    for a, k in zip(advantages.view(-1, G).tolist(), K.view(-1, G).tolist()):
+        others = [(sum(k) - x) / (G - 1) if baseline == "leave-one-out" else sum(k) / G for x in k]
+        assert a == pytest.approx([-beta * (x - o) for x, o in zip(k, others)], rel=1e-9, abs=1e-12)
+    in_the_loss = grpo.batch_advantages(batch, dataclasses.replace(args, kl_penalty="k3-loss"), beta)
+    assert (in_the_loss[1] == 0).all() and torch.equal(in_the_loss[0], scores)
+
+
+@given(st.integers(2, 5).flatmap(lambda G: st.tuples(st.just(G), reals(3 * G, -3, 3))))
+def test_batch_scaling_divides_every_groups_advantages_by_one_divisor_not_by_each_groups_own_std(problem):
+    """--scale-advantages batch in batch_advantages: A = (unscaled advantages)·c with one c > 0 for every group,
+    whatever each group's spread: a group twice as spread keeps twice the advantages."""
+    G, scores = problem
+    groups = scores.view(3, G)
+    assume((groups.amax(1) - groups.amin(1) > 1e-3).all())
+    scores = scores * torch.tensor([1.0, 2.0, 10.0], dtype=torch.float64).repeat_interleave(G)  # spreads differ
+    plain = grpo.batch_advantages(dict(scores=scores), grpo.Args(group_size=G, scale_advantages="none"), 0.0)[1]
+    scaled = grpo.batch_advantages(dict(scores=scores), grpo.Args(group_size=G, scale_advantages="batch"), 0.0)[1]
+    c = scaled.norm() / plain.norm()
+    assert c > 0 and c.isfinite()
+    assert_close(scaled, c * plain, rtol=1e-9, atol=1e-12)
+
+
+@given(st.integers(2, 5).flatmap(lambda G: reals(G, 0, 3)), st.sampled_from([0.0, 1.0]))
+def test_group_scaling_with_the_kl_in_the_reward_makes_beta_vanish_on_groups_of_equal_scores(kl, score):
+    """Why grpo.py refuses --scale-advantages group with --kl-penalty k1-reward and β > 0: a group of equal raw
+    scores c has R_i = c − β·K_i, and R_i − mean R over std(R) = −(K_i − mean K)/std(K), the same at β = 1e-4 as at
+    β = 1: β stops mattering exactly on the prompts the policy has mastered (or never solves)."""
+    assume(kl.max() - kl.min() > 1e-3)
+    G = len(kl)
+    for beta in (1e-4, 1.0):
+        advantages = grpo.group_advantages((score - beta * kl)[None], "group-mean", True)[0]
+        assert_close(advantages, -(kl - kl.mean()) / kl.std(), rtol=1e-6, atol=1e-9)
+    assert G >= 2
+
+
+def batch_scaled_expected_step(theta, rewards, G: int) -> torch.Tensor:
+    """The exact E[step] of --scale-advantages batch on a batch of one group of each of two prompts: every pair of
+    G-tuples (K^G each), its advantages from grpo.batch_advantages, the step (1/(P·G))·Σ_{p,i} A_{p,i}·∇log π."""
+    P, K = theta.shape
+    groups = all_groups(K, G)
+    prob = [log_softmax(theta[p]).exp()[groups].prod(1) for p in range(P)]
+    args = grpo.Args(group_size=G, scale_advantages="batch")
+    W = torch.zeros(P, K, dtype=torch.float64)  # Σ over batches of P(batch)·A for each prompt's responses
+    for a, b in itertools.product(range(len(groups)), repeat=2):
+        scores = torch.cat([rewards[0][groups[a]], rewards[1][groups[b]]])
+        advantages = grpo.batch_advantages(dict(scores=scores), args, 0.0)[1].view(P, G)
+        W[0].index_add_(0, groups[a], prob[0][a] * prob[1][b] * advantages[0])
+        W[1].index_add_(0, groups[b], prob[0][a] * prob[1][b] * advantages[1])
+    return grad(lambda t: (W * log_softmax(t)).sum() / (P * G), theta)
+
+
+TWO_PROMPTS = torch.tensor([[0.0, 1.1, 1.1], [0.0, 0.0, 0.0]], dtype=torch.float64)  # success rates 0.14 and ⅔
+BINARY = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+GRADED = torch.tensor([[0.0, 1.0, 10.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+
+
+def test_batch_scaling_is_off_grad_j_for_a_finite_batch():
+    """Negative control. Leave-one-out advantages are exactly along ∇J (above), but divided by the batch's RMS, a
+    random divisor that depends on the responses, they are not: a group's contribution is larger when the rest of
+    the batch happens to have small advantages. On two prompts, one group each, 1 − cos(E[step], ∇J) is 3.6e-4
+    (G = 2) and 9.0e-4 (G = 3) with binary rewards, and 2.6e-2 and 7.9e-3 with graded ones (0, 1, 10)."""
+    for rewards, low in ((BINARY, 1e-4), (GRADED, 5e-3)):
+        grad_j = two_prompt_reward_gradient(TWO_PROMPTS, rewards)
+        for G in (2, 3):
+            assert low < 1 - cosine(batch_scaled_expected_step(TWO_PROMPTS, rewards, G), grad_j) < 0.1
+
+
+def batch_scaled_expected_step_of_m_groups_each(theta, rewards, G: int, m: int) -> torch.Tensor:
+    """E[step] of batch scaling on a batch of m groups of each of two prompts, exactly, without enumerating
+    (K^G)^(2m) batches: a group g of prompt p is scaled by sqrt(nG/(s_g + S)), n = 2m groups, s_g = Σ_i A_{g,i}² its
+    squared (unscaled, leave-one-out) advantages and S those of the 2m − 1 others, whose distribution is the
+    convolution of each prompt's distribution of s (rounded to 1e-9 to merge equal sums)."""
+    P, K = theta.shape
+    groups = all_groups(K, G)
+    prob = [log_softmax(theta[p]).exp()[groups].prod(1) for p in range(P)]
+    advantages = [grpo.group_advantages(rewards[p][groups], "leave-one-out", False) for p in range(P)]
+    squares = [a.pow(2).sum(1) for a in advantages]
+
+    def convolve(d, e):
+        out = {}
+        for (x, p), (y, q) in itertools.product(d.items(), e.items()):
+            out[round(x + y, 9)] = out.get(round(x + y, 9), 0.0) + p * q
+        return out
+
+    one = [{} for _ in range(P)]
+    for p in range(P):
+        for w, s in zip(prob[p].tolist(), squares[p].tolist()):
+            one[p][round(s, 9)] = one[p].get(round(s, 9), 0.0) + w
+    W = torch.zeros(P, K, dtype=torch.float64)
+    for p in range(P):
+        others = functools.reduce(convolve, [one[p]] * (m - 1) + [one[1 - p]] * m, {0.0: 1.0})
+        S, P_S = (torch.tensor(list(x), dtype=torch.float64) for x in (others.keys(), others.values()))
+        total = squares[p][:, None] + S
+        scale = torch.where(total > 0, (2 * m * G / total.clamp(min=1e-300)).sqrt(), 0.0) @ P_S  # E[1/RMS | g]
+        W[p].index_add_(0, groups.flatten(), ((prob[p] * scale)[:, None] * advantages[p]).flatten())
+    return grad(lambda t: (W * log_softmax(t)).sum() / (P * G), theta)
+
+
+def test_batch_scaling_approaches_grad_j_as_the_batch_grows():
+    """Consistency: the batch's RMS tends to a constant as the batch grows, so E[step] tends to ∇J over it. With m
+    groups of each of the two prompts, binary rewards, exactly: the same as the enumeration for m = 1, and
+    1 − cos(E[step], ∇J) falls at every doubling of m, about 4-fold, to below 2e-6 at m = 32 (64 groups)."""
+    grad_j = two_prompt_reward_gradient(TWO_PROMPTS, BINARY)
+    for G in (2, 3):
+        steps = {
+            m: batch_scaled_expected_step_of_m_groups_each(TWO_PROMPTS, BINARY, G, m) for m in (1, 2, 4, 8, 16, 32)
+        }
+        assert_close(steps[1], batch_scaled_expected_step(TWO_PROMPTS, BINARY, G), rtol=1e-9, atol=1e-12)
+        gaps = [1 - cosine(step, grad_j) for step in steps.values()]
+        assert all(a > b > 0 for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 2e-6
+
+
+tied_rewards = st.integers(2, 3).flatmap(
+    lambda k: st.tuples(logits_table(2, k), st.lists(st.sampled_from([0.0, 1.0, 2.5]), min_size=2 * k, max_size=2 * k))
+)
+
+
+@settings(max_examples=30)
+@given(tied_rewards, st.integers(2, 4), st.sampled_from(["group-mean", "leave-one-out"]), st.booleans())
+def test_dynamic_sampling_divides_the_expected_step_by_the_chance_that_a_groups_scores_differ(
+    problem, G, baseline, scale
+):
+    """Groups drawn i.i.d. and kept when their scores differ (grpo.scores_differ) are i.i.d. from the kept groups.
+    A group of equal scores has A = 0: dropping it removes nothing from Σ A·∇log π, only from the count, so the
+    expected step of a batch of kept groups is the step without the filter divided by q = P(a group's scores
+    differ) = 1 − mean_p Σ_v P_p(r = v)^G (by hand): along ∇J (leave-one-out), larger by 1/q, whatever the baseline
+    and the group's std. Prompt by prompt it is ∇J_p/q, not ∇J_p/q_p: a prompt kept less often weighs the same."""
+    theta, values = problem
+    rewards = torch.tensor(values, dtype=torch.float64).view(2, -1)
+    pi = log_softmax(theta).exp()
+    q = 1 - sum(sum((pi[p] * (rewards[p] == v)).sum() ** G for v in set(values)) for p in range(2)) / 2
+    assume(q > 1e-6)
+    plain = expected_group_gradient(theta, rewards, G, baseline, scale)
+    dynamic = expected_group_gradient(theta, rewards, G, baseline, scale, dynamic=True)
+    assert_close(dynamic * q, plain, rtol=1e-9, atol=1e-12)
+
+
+def test_with_the_kl_in_the_reward_dynamic_sampling_drops_the_kl_gradient_of_prompts_whose_scores_are_equal():
+    """Negative control, why a β > 0 in the reward and dynamic sampling do not mix freely: with R = r − β·k1 the
+    step without the filter is ∇(J − β·KL(π_θ‖π_ref)) exactly (KL averaged over the prompts). The filter reads the
+    raw score r, as it must (R differs in nearly every group, and filtering on it would drop nothing); so on a
+    prompt every response solves, every group is dropped, and with it that prompt's pull toward π_ref: its block
+    of the expected step is 0, where ∇(J − β·KL)'s is −β·∇KL_p/2 ≠ 0."""
+    theta, theta_ref, beta = seeded_table(0, 2, 3), seeded_table(1, 2, 3), 0.5
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)  # prompt 1: always solved
+    shaped = rewards - beta * (log_softmax(theta) - log_softmax(theta_ref))
+    kl = lambda t: (log_softmax(t).exp() * (log_softmax(t) - log_softmax(theta_ref))).sum() / 2
+    objective = grad(lambda t: (log_softmax(t).exp() * rewards).sum() / 2 - beta * kl(t), theta)
+    plain = expected_group_gradient(theta, rewards, 3, "leave-one-out", False, shaped=shaped)
+    dynamic = expected_group_gradient(theta, rewards, 3, "leave-one-out", False, dynamic=True, shaped=shaped)
+    assert_close(plain, objective, rtol=1e-9, atol=1e-12)
+    pull = -beta * grad(kl, theta)[1]  # ∇J_1 = 0: prompt 1's block of ∇(J − β·KL) is the KL's alone
+    assert_close(plain[1], pull, rtol=1e-9, atol=1e-12)
+    assert (dynamic[1] == 0).all() and pull.abs().max() > 0.01
 
 
 # ---- The script ----
@@ -650,22 +978,31 @@ def gpt2_64(tmp_path_factory):
     )
 
 
-def update_params(policy, minibatches, n_prompt, **flags):
-    """The parameters of a copy of policy after one update_minibatch per minibatch."""
+def updated_agent(policy, minibatches, n_prompt, **flags):
+    """A copy of policy (as the agent the script steps) after one update_minibatch per minibatch, β = 0.1."""
     agent = grpo.PolicyLogProbs(copy.deepcopy(policy))
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, fused=True)
     args = grpo.Args(temperature=1.0, max_new_tokens=4, **flags)
     for minibatch in minibatches:
         grpo.update_minibatch(agent.train(), optimizer, minibatch, n_prompt, args, beta=0.1)
-    return torch.cat([p.detach().flatten() for p in agent.parameters()])
+    return agent.eval()
 
 
-@pytest.mark.parametrize("aggregation", MODES)
-@pytest.mark.parametrize("kl", ["k1-reward", "k3-loss"])
-def test_micro_batching_leaves_the_same_parameters(gpt2_64, aggregation, kl):
+def update_params(policy, minibatches, n_prompt, **flags):
+    """The parameters of a copy of policy after one update_minibatch per minibatch."""
+    return torch.cat([p.detach().flatten() for p in updated_agent(policy, minibatches, n_prompt, **flags).parameters()])
+
+
+@pytest.mark.parametrize(
+    "aggregation, kl, ratio, surrogate",
+    [(mode, kl, "token", "clip") for mode in MODES for kl in ("k1-reward", "k3-loss")]
+    + [("sequence", "k1-reward", "sequence", "clip"), ("token", "k3-loss", "sequence", "cispo")],
+)
+def test_micro_batching_leaves_the_same_parameters(gpt2_64, aggregation, kl, ratio, surrogate):
     """Two steps on minibatches of 8 responses of different lengths, accumulated over micro-batches of 1, 3 or 8:
     the same parameters to 1e-10 in float64, for every loss aggregation, with the KL in the reward or in the
-    loss: each token's weight comes from the whole minibatch's counts, not from its micro-batch's."""
+    loss, GSPO's ratio and CISPO: each token's weight comes from the whole minibatch's counts, not from its
+    micro-batch's, and a response's ratio from its own tokens."""
     policy, tok = gpt2_64
     torch.manual_seed(0)
     ids, attn, n_prompt, mask, _ = grpo.sample(policy, tok, [f"{i}+{2 * i}=" for i in range(16)], 4, 1.0, 16)
@@ -675,7 +1012,7 @@ def test_micro_batching_leaves_the_same_parameters(gpt2_64, aggregation, kl):
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + 0.1 * torch.randn(mask.shape),
                  advantages=torch.randn(16, dtype=torch.float64))  # fmt: skip
     minibatches = [{k: v[i : i + 8] for k, v in batch.items()} for i in (0, 8)]
-    flags = dict(loss_aggregation=aggregation, kl_penalty=kl)
+    flags = dict(loss_aggregation=aggregation, kl_penalty=kl, ratio=ratio, surrogate=surrogate, clip_range_high=0.28)
     whole = update_params(policy, minibatches, n_prompt, micro_batch_size=8, **flags)
     for size in (1, 3):
         assert_close(
@@ -718,9 +1055,10 @@ def test_a_reference_policy_is_loaded_only_when_beta_is_positive(tmp_path, monke
 
 
 @pytest.mark.parametrize("kl", ["k1-reward", "k2-loss", "k3-loss"])
-def test_the_kl_in_the_loss_moves_the_policy_where_no_advantage_does(gpt2_64, kl):
-    """Every advantage 0 and π_ref ≠ π_old: with β·k2 or β·k3 in the loss the step moves the policy, and with
-    the KL in the reward (already in the advantages, here 0) it does not."""
+def test_the_kl_in_the_loss_pulls_the_policy_toward_pi_ref_where_no_advantage_does(gpt2_64, kl):
+    """Every advantage 0 and π_ref ≠ π_old: with β·k2 or β·k3 in the loss the step descends the estimator (the
+    loss adds β·k, never subtracts it): the mean k over the batch's tokens falls. With the KL in the reward
+    (already in the advantages, here 0) the policy does not move."""
     policy, tok = gpt2_64
     torch.manual_seed(1)
     ids, attn, n_prompt, mask, _ = grpo.sample(policy, tok, [f"{i}+{5 * i}=" for i in range(8)], 4, 1.0, 8)
@@ -728,8 +1066,111 @@ def test_the_kl_in_the_loss_moves_the_policy_where_no_advantage_does(gpt2_64, kl
         logp_old = grpo.token_logprobs(policy, ids, attn, n_prompt, 1.0)[0]
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + torch.randn(mask.shape),
                  advantages=torch.zeros(8, dtype=torch.float64))  # fmt: skip
+    agent = updated_agent(policy, [batch], n_prompt, kl_penalty=kl)
     moved = (update_params(policy, [batch], n_prompt, kl_penalty=kl) - update_params(policy, [], n_prompt)).abs().max()
     assert (moved > 1e-4) == (kl != "k1-reward")
+    if kl != "k1-reward":
+        estimator = kl.removesuffix("-loss")
+
+        def mean_kl(model):
+            with torch.no_grad():
+                logp = grpo.token_logprobs(model, ids, attn, n_prompt, 1.0)[0]
+            return grpo.kl_penalty(logp, batch["logp_ref"], estimator)[mask].mean()
+
+        assert mean_kl(agent.policy) < mean_kl(policy) - 1e-4
+
+
+def fake_rollout(rounds: list):
+    """A stand-in for grpo.rollout: call k returns a batch whose groups score rounds[k] (a list of groups), with
+    prompts of width 2 + k and responses of 1 + k tokens, and row j in sampling order marked `row` = j. Returns
+    it and its list of calls."""
+    calls = []
+
+    def rollout(policy, tok, prompts, args):
+        k, first = len(calls), sum(len(r) * len(r[0]) for r in rounds[: len(calls)])
+        calls.append(prompts)
+        scores = torch.tensor(rounds[k], dtype=torch.float64).flatten()
+        B, n, T = len(scores), 2 + k, 1 + k
+        batch = dict(ids=torch.full((B, n + T), 5), attn=torch.ones(B, n + T, dtype=torch.long), scores=scores,
+                     mask=torch.ones(B, T, dtype=torch.bool), row=torch.arange(first, first + B))  # fmt: skip
+        assert len(prompts) == B
+        return batch, n
+
+    return rollout, calls
+
+
+@pytest.mark.parametrize("max_rounds, rounds, sampled_rounds, rows", [
+    (3, [[[1, 1], [0, 1]], [[0, 0], [1, 0]], [[0, 1], [1, 0]]], 2, [2, 3, 6, 7]),  # 2 differ after 2 rounds: stop
+    (2, [[[1, 1], [1, 1]], [[0, 1], [0, 0]]], 2, [0, 1, 4, 5]),  # 1 of 2 after the last round: topped up
+    (1, [[[1, 1], [0, 1]]], 1, [0, 1, 2, 3]),  # off: the rollout's batch
+])  # fmt: skip
+def test_collect_keeps_the_first_groups_whose_raw_scores_differ_in_the_order_sampled(
+    monkeypatch, max_rounds, rounds, sampled_rounds, rows
+):
+    """Dynamic sampling: rounds of --num-prompts new prompts until that many groups have two different raw scores
+    (or --max-sampling-rounds are done, when the first groups of equal scores top the batch up), the groups kept
+    in the order sampled; the KL in the reward (β = 0.1 here, every shaped reward differs) plays no part. The
+    scores of every group sampled come back for the log; with one round the batch is the rollout's, unchanged.
+    Only the batch kept is scored by π_old and π_ref."""
+    rollout, calls = fake_rollout(rounds)
+    monkeypatch.setattr(grpo, "rollout", rollout)
+    scored = []
+    monkeypatch.setattr(grpo, "score", lambda policy, ref, batch, n, args: scored.append(batch) or batch)
+    args = grpo.Args(group_size=2, max_sampling_rounds=max_rounds, kl_coef=0.1, kl_penalty="k1-reward")
+    batch, n_prompt, sampled = grpo.collect(None, SimpleNamespace(pad_token_id=0), random.Random(0), args, None, 2)
+    assert len(calls) == sampled_rounds and all(p[0] == p[1] and p[2] == p[3] for p in calls)  # G of each prompt
+    scores = torch.tensor(rounds[:sampled_rounds], dtype=torch.float64).flatten()
+    assert batch["row"].tolist() == rows and torch.equal(batch["scores"], scores[rows]) and scored == [batch]
+    assert torch.equal(sampled, scores.view(-1, 2))
+    assert n_prompt == 1 + sampled_rounds and batch["ids"].shape[1] == n_prompt + sampled_rounds
+    if max_rounds == 1:
+        alone, _ = fake_rollout(rounds)[0](None, None, ["p"] * 4, args)
+        assert all(torch.equal(batch[k], alone[k]) for k in alone)
+
+
+def test_joined_rollouts_score_the_same_log_probs_as_apart(gpt2_64):
+    """join pads each rollout's prompts on the left and its responses on the right to the widest: the rows keep
+    their prompt and response tokens, masks and scores, and π_θ scores the joined batch as it scored each alone
+    (the log-probs and entropies on every response token, to 1e-10 in float64)."""
+    policy, tok = gpt2_64
+    torch.manual_seed(2)
+    parts = [grpo.rollout(policy, tok, prompts, grpo.Args(temperature=1.0, max_new_tokens=k))
+             for prompts, k in ((["1+2=", "3+4="], 2), (["12+34=", "56+7="], 4), (["99+99="], 3))]  # fmt: skip
+    joined, n_prompt = grpo.join(parts, tok.pad_token_id)
+    assert n_prompt == max(n for _, n in parts) > min(n for _, n in parts) and joined["mask"].shape[1] == 4
+    with torch.no_grad():
+        logp, entropy = grpo.token_logprobs(policy, joined["ids"], joined["attn"], n_prompt, 1.0, entropy=True)
+        for batch, n in parts:
+            batch["logp_old"], batch["entropy"] = grpo.token_logprobs(policy, batch["ids"], batch["attn"], n, 1.0,
+                                                                      entropy=True)  # fmt: skip
+    rows = 0
+    for batch, n in parts:
+        B, T = batch["mask"].shape
+        own = slice(rows, rows + B)
+        assert torch.equal(joined["ids"][own, n_prompt - n : n_prompt + T], batch["ids"])
+        assert torch.equal(joined["attn"][own, n_prompt - n : n_prompt + T], batch["attn"])
+        assert not joined["attn"][own, : n_prompt - n].any() and not joined["attn"][own, n_prompt + T :].any()
+        assert torch.equal(joined["mask"][own, :T], batch["mask"]) and not joined["mask"][own, T:].any()
+        assert torch.equal(joined["scores"][own], batch["scores"])
+        mask = batch["mask"]
+        assert_close(logp[own, :T][mask], batch["logp_old"][mask], rtol=0, atol=1e-10)
+        assert_close(entropy[own, :T][mask], batch["entropy"][mask], rtol=0, atol=1e-10)
+        rows += B
+
+
+def test_dynamic_sampling_trains_each_iteration_on_groups_whose_scores_differ(tmp_path, monkeypatch):
+    """End to end with --max-sampling-rounds 3: each iteration's batch holds --num-prompts groups whose scores
+    differ, unless 3 rounds were sampled (then it was topped up); the row's sampling_rounds and equal_score_groups
+    are those of every group sampled, the batch's and the dropped ones."""
+    seen, collect = [], grpo.collect
+    monkeypatch.setattr(grpo, "collect", lambda *a: seen.append(collect(*a)) or seen[-1])
+    rows = run_main(grpo, *SMALL, "--max-sampling-rounds", "3", "--output-dir", str(tmp_path))
+    assert len(seen) == len(rows) == 3 and any(len(sampled) > 8 for _, _, sampled in seen)
+    for (batch, _, sampled), row in zip(seen, rows):
+        groups = batch["scores"].view(-1, 2)
+        assert len(groups) == 8 and row["sampling_rounds"] == len(sampled) / 8 in (1, 2, 3)
+        assert grpo.scores_differ(groups).all() or row["sampling_rounds"] == 3
+        assert row["equal_score_groups"] == pytest.approx((~grpo.scores_differ(sampled)).double().mean().item())
 
 
 def test_same_seed_gives_the_same_metrics_and_a_copy_alone_runs(tmp_path):
@@ -755,6 +1196,12 @@ def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     (["--kl-penalty", "k4-loss"], "--kl-penalty expects one of k1-reward, k2-loss, k3-loss, got 'k4-loss'"),
     (["--loss-aggregation", "mean"], "--loss-aggregation expects one of token, sequence, constant, got 'mean'"),
     (["--clip-range", "0"], "--clip-range must be > 0"),
+    (["--clip-range-high", "-0.1"], "--clip-range-high must be > 0"),
+    (["--max-sampling-rounds", "0"], "--max-sampling-rounds must be >= 1"),
+    (["--ratio", "response"], "--ratio expects one of token, sequence, got 'response'"),
+    (["--surrogate", "ppo"], "--surrogate expects one of clip, cispo, got 'ppo'"),
+    (["--scale-advantages", "group", "--kl-coef", "0.1"],
+     "--scale-advantages group with the KL in the reward (--kl-penalty k1-reward) makes a group of equal scores"),
 ])  # fmt: skip
 def test_bad_input_is_one_error_line_before_any_work(monkeypatch, capsys, tmp_path, flags, message):
     argv = ["grpo.py", *SMALL, *flags, "--output-dir", str(tmp_path / "run")]
