@@ -85,7 +85,7 @@ class Args:
     """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
     # ---- Actor-critic ----
     learning_rate: float = 1e-4
-    """Adam learning rate of the policy and the critic at the first update; it decays linearly to 0"""
+    """Adam learning rate of policy and critic at the first update; it falls linearly, to lr/N at the last of N"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
     critic: Literal["shared", "separate"] = "shared"
@@ -138,9 +138,10 @@ def eval_prompts() -> list[str]:
 
 # ==== Actor-critic. Token tensors are [B, T] over response tokens, masks bool. ====
 def token_rewards(scores: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """r_t for every response token, [B, T]: −β·(log π_θ − log π_ref)(a_t | s_t), given as `kl`,
-    on every valid token, plus the task score on the last one: the stop token, or the last token when
-    the response was cut off. That is the action the score judges; one token later is padding."""
+    """r_t = −β·KL_t on every response token (KL_t, given as `kl`: k1 of the policy that sampled), plus the
+    score on the last one: the stop token, or the last token of a cut-off response. [B, T], 0 on padding. The
+    penalty per token tells the critic where the divergence happened; the score only exists once the response
+    does."""
     last = response_mask.sum(1, keepdim=True) - 1
     rewards = torch.where(response_mask, -kl_coef * kl, 0.0)
     return rewards.scatter_add(1, last, scores[:, None].to(rewards.dtype))
@@ -167,14 +168,15 @@ def rollout(policy, tok, prompts: list[str], args: Args) -> tuple[dict, int]:
     response, and the prompt width. (The update's own forward pass gives V_φ and log π_θ.)"""
     size = args.inference_batch_size
     model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
-    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
-                                                 size, cuda_graph=args.cuda_graphs)  # fmt: skip
-    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    ids, attn, prompt_width, mask, finished = sample(
+        policy, tok, model_prompts, args.max_new_tokens, args.temperature, size, cuda_graph=args.cuda_graphs
+    )
+    texts = decode(tok, ids[:, prompt_width:], mask, finished)
     scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
-    return dict(ids=ids, attn=attn, mask=mask, scores=scores), n_prompt
+    return dict(ids=ids, attn=attn, mask=mask, scores=scores), prompt_width
 
 
-def update(learner, optimizer, ref_policy, batch: dict, n_prompt: int, args: Args, step: bool = True):
+def update(learner, optimizer, ref_policy, batch: dict, prompt_width: int, args: Args, step: bool = True):
     """One gradient step on both losses over this process's responses (a dict of [B, ...] tensors),
     summed over micro-batches, each weighted by its share of the responses; DistributedDataParallel
     averages the gradient over processes, which hold as many responses each. θ and φ have not moved
@@ -192,11 +194,13 @@ def update(learner, optimizer, ref_policy, batch: dict, n_prompt: int, args: Arg
         with contextlib.nullcontext() if sync else learner.no_sync():
             # The entropy costs elementwise work over [b, T, V] (a large share of the pass with a large vocabulary
             # on a CPU); this one pass is where actor-critic can log it.
-            logp, entropy, values = learner(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature, True)
+            logp, entropy, values = learner(batch["ids"][mb], batch["attn"][mb], prompt_width, args.temperature, True)
             kl = torch.zeros_like(logp)  # log π_θ(a_t|s_t) − log π_ref(a_t|s_t): a cost in r_t, not a gradient path
             if ref_policy is not None:
                 with torch.no_grad():
-                    ref_logp = forward(ref_policy, batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature)[0]
+                    ref_logp = token_logprobs(
+                        ref_policy, batch["ids"][mb], batch["attn"][mb], prompt_width, args.temperature
+                    )[0]
                     kl = logp.detach() - ref_logp
             rewards = token_rewards(batch["scores"][mb], mask, kl, args.kl_coef)  # r_t
             advantages, returns = gae(rewards, values, mask, args.gamma, args.gae_lambda)  # A_t, R_t = A_t + V_φ(s_t)
@@ -235,38 +239,38 @@ def main() -> None:
     batch_size, local_batch = args.num_prompts, args.num_prompts // run.world
     num_iterations = math.ceil(args.total_episodes / batch_size)
     critic_size = sum(p.numel() for p in agent.parameters()) - sum(p.numel() for p in policy.parameters())
-    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes, critic {args.critic} ({critic_size:,} "
-              f"parameters of its own), γ {args.gamma}, λ {args.gae_lambda}, kl_coef {args.kl_coef}")  # fmt: skip
+    run.begin(
+        policy,
+        f"{num_iterations} iterations x {batch_size} episodes, critic {args.critic} ({critic_size:,} "
+        f"parameters of its own), γ {args.gamma}, λ {args.gae_lambda}, kl_coef {args.kl_coef}",
+    )
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
-    for iteration in range(run.first_iteration, num_iterations + 1):
-        try:
-            # 1. Collect: one response per prompt, and its score.
-            batch, n_prompt = rollout(policy, tok, train_prompts(run.rng, local_batch), args)
-            run.note_equal_scores(batch["scores"], iteration)
+    for iteration in run.iterations(num_iterations):
+        # 1. Collect: one response per prompt, and its score.
+        batch, prompt_width = rollout(policy, tok, train_prompts(run.rng, local_batch), args)
+        run.note_equal_scores(batch["scores"], iteration)
 
-            # 2-3. Advantages and update, in one pass: V_φ(s_t), then GAE, then one gradient step on both
-            #      losses; at iteration 0 the pass only measures. The learning rate decays linearly to 0 (as
-            #      CleanRL's --anneal-lr): the last updates are small, so the saved policy is not a noisy snapshot.
-            for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
-            learner.train()  # only gradient checkpointing cares: dropout is off
-            grad_norm, per_token = update(learner, optimizer, ref_policy, batch, n_prompt, args, step=iteration > 0)
-            learner.eval()
+        # 2-3. Advantages and update, in one pass: V_φ(s_t), then GAE, then one gradient step on both
+        #      losses; at iteration 0 the pass only measures. The learning rate falls linearly from lr at
+        #      the first update to lr/N at the last (CleanRL's --anneal-lr), so the saved policy is no noisy snapshot.
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+        learner.train()  # only gradient checkpointing cares: dropout is off
+        grad_norm, per_token = update(learner, optimizer, ref_policy, batch, prompt_width, args, step=iteration > 0)
+        learner.eval()
 
-            # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
-            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock()}
-            row |= batch_stats(batch, per_token, batch_size)
-            if iteration > 0:
-                row["grad_norm"] = grad_norm.item()
-            due = run.evaluation_due(iteration, batch_size, num_iterations)
-            if due and run.rank == 0:
-                row |= evaluate(policy, tok, args)
-            run.log(row, "reward_mean", "explained_variance", "kl", "entropy")
-            if due:  # after the row: a resume redoes everything after its last save
-                run.save(row, policy, tok)
-        except FloatingPointError as e:
-            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+        # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+        row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock()}
+        row |= batch_stats(batch, per_token, batch_size)
+        if iteration > 0:
+            row["grad_norm"] = grad_norm.item()
+        due = run.evaluation_due(iteration, batch_size, num_iterations)
+        if due and run.rank == 0:
+            row |= evaluate(policy, tok, args)
+        run.log(row, "reward_mean", "explained_variance", "kl", "entropy")
+        if due:  # after the row: a resume redoes everything after its last save
+            run.save(row, policy, tok)
     run.finish()
 
 
@@ -282,14 +286,15 @@ def batch_stats(batch: dict, per_token: torch.Tensor, batch_size: int) -> dict:
     mask = batch["mask"]
     values, returns, rewards, kl, entropy = torch.where(mask, per_token, 0.0)
     n_tokens = global_sum(mask.sum())
-    return floats({
+    stats = {
         "reward_mean": global_sum(rewards.sum()) / batch_size,  # score − β·KL
         "score_mean": global_sum(batch["scores"].sum()) / batch_size,
         "explained_variance": explained_variance(values, returns, mask),
         "kl": global_sum(kl.sum()) / batch_size,  # KL(π_θ‖π_ref) per response, in nats: k1, the estimator in r_t
         "response_length": n_tokens / batch_size,
         "entropy": global_sum(entropy.sum()) / n_tokens,
-    })  # fmt: skip
+    }
+    return floats(stats)
 
 
 # ==== Below: the machinery a reader may skip. ============================================================
@@ -632,9 +637,10 @@ def evaluate(policy, tok, args) -> dict:
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
         gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
         size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
-                                                  args.temperature, size, greedy, gen, args.cuda_graphs)  # fmt: skip
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        model_prompts = conversations(prompts, args.chat)
+        ids, _, prompt_width, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
+                                                      size, greedy, gen, args.cuda_graphs)  # fmt: skip
+        texts = decode(tok, ids[:, prompt_width:], mask, finished)
         scores = list(map(reward, prompts, texts, finished.tolist()))
         result[key] = sum(scores) / len(prompts)
         if greedy:
@@ -676,25 +682,27 @@ def floats(row: dict) -> dict:
     return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
 
 
-# The policy's and the critic's forward pass (as in ppo.py).
-def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None, entropy=False):
-    """log π(a_t | s_t) [B, T] of each response token; if asked, the entropy of π(· | s_t) [B, T] (no
-    gradient: it is only logged; else None); and with a value head, V(s_t) [B, T] from the last hidden
-    state of the critic, the policy's own (critic=None) or a separate backbone's (else None). One pass
-    with the sampler's attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the
-    first step. The log-probs and entropies are 0 on padding."""
-    mask = attn[:, n_prompt:].bool()  # the response mask
-    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+# The policy's forward pass (the same in every script), and the value head's (as in ppo.py).
+def token_logprobs(policy, ids, attn, prompt_width: int, temperature: float, entropy: bool = False, states=None):
+    """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
+    it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
+    attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the first step. `states`
+    are h(s_t) from response_states when the caller has them already: a critic on the policy's body reads them."""
+    mask = attn[:, prompt_width:].bool()  # the response mask
+    hidden = response_states(policy.base_model, ids, attn, prompt_width) if states is None else states
     with autocast(ids.device):
-        hidden = policy.base_model(**inputs).last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
-        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:].flatten()  # every position: see there
-        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy,
-                                          policy.token_id_limit)  # fmt: skip
-        if critic is not None and value_head is not None:
-            hidden = critic(**inputs).last_hidden_state[:, n_prompt - 1 : -1]
-    values = None if value_head is None else value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, prompt_width:].flatten()  # every position: see there
+        limit = policy.token_id_limit
+        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy, limit)
     unpack = lambda x: None if x is None else torch.where(mask, x.view(mask.shape), 0.0)
-    return unpack(logp), unpack(entropy), values
+    return unpack(logp), unpack(entropy)
+
+
+def response_states(body, ids, attn, prompt_width: int) -> torch.Tensor:
+    """h(s_t) [B, T, H]: the body's last hidden state at each position that predicts a response token a_t."""
+    with autocast(ids.device):
+        out = body(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    return out.last_hidden_state[:, prompt_width - 1 : -1]
 
 
 class PolicyAndCritic(torch.nn.Module):
@@ -704,11 +712,20 @@ class PolicyAndCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.value_head, self.critic = policy, value_head, critic
 
-    def forward(self, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
-        return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head, entropy)
+    def forward(self, ids, attn, prompt_width: int, temperature: float, entropy: bool = False):
+        """token_logprobs' log π_θ and entropy, and V_φ(s_t) [B, T] from the last hidden state of the critic:
+        the policy's own body (critic None: one pass for both) or a separate one."""
+        states = response_states(self.policy.base_model, ids, attn, prompt_width)
+        logp, entropy = token_logprobs(self.policy, ids, attn, prompt_width, temperature, entropy, states)
+        if self.critic is not None:
+            states = response_states(self.critic, ids, attn, prompt_width)
+        return logp, entropy, self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
 # ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+# A copy that only ever runs as one process may delete what torchrun needs: data_parallel (use the module
+# itself), the process group in start() and Run.finish(), and global_sum's and global_max's all-reduce
+# (each then returns its argument); no_sync in the update is then never reached.
 def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     """This script's own bad input: (is it bad, the error line)."""
     flag = lambda name: "--" + name.replace("_", "-")
@@ -833,6 +850,8 @@ class Run:
     model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
     prompts (seed + rank), which a save keeps with torch's."""
 
+    active = None  # the run of this process, once made
+
     def __init__(self, args, name: str, device: torch.device):
         self.args, self.name, self.device = args, name, device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -841,6 +860,7 @@ class Run:
         self.rng = random.Random(args.seed + self.rank)
         self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
         self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+        self.iteration, Run.active = None, self  # what one_line_errors reports of a non-finite number
 
     def restore(self, **stateful) -> dict:
         """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
@@ -861,6 +881,12 @@ class Run:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
         return state
+
+    def iterations(self, num_iterations: int):
+        """The iterations still to run, up to num_iterations; iteration 0 measures the starting policy."""
+        for iteration in range(self.first_iteration, num_iterations + 1):
+            self.iteration = iteration
+            yield iteration
 
     def begin(self, policy, description: str) -> None:
         """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
@@ -975,11 +1001,14 @@ def save(policy, tok, path: Path, state: dict) -> None:
 def one_line_errors():
     """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
     write at once, and Python's own handler writes the message and its newline apart, interleaving them.
-    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    A non-finite number (FloatingPointError) ends the same way, saying where: the run is never stepped on it."""
     try:
         yield
     except (SystemExit, FloatingPointError) as e:
-        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        run = getattr(globals().get("Run"), "active", None)  # this process's run, if it made one (and has Run)
+        if isinstance(e, FloatingPointError) and run is not None and run.iteration is not None:
+            message += f" at iteration {run.iteration}; the last save is in {run.dir}"
         if not isinstance(message, str):
             raise
         sys.stderr.write(message + "\n")

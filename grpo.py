@@ -103,7 +103,7 @@ class Args:
     """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
     # ---- GRPO ----
     learning_rate: float = 3e-5
-    """Adam learning rate at the first iteration; it decays linearly to 0"""
+    """Adam learning rate at the first update; it falls linearly, to lr/N at the last of N"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
     ppo_epochs: int = 4
@@ -183,25 +183,15 @@ def eval_prompts() -> list[str]:
 def group_advantages(
     scores: torch.Tensor, baseline: Literal["group-mean", "leave-one-out"], scale: bool
 ) -> torch.Tensor:
-    """Advantages [P, G] of P groups of G responses from their scores r [P, G], one per response.
+    """Advantages [P, G] of P groups of G responses from their scores r [P, G], one per response:
 
         group-mean:     A_i = r_i − (1/G)·Σ_j r_j                 (the baseline includes r_i itself)
         leave-one-out:  A_i = r_i − 1/(G − 1)·Σ_{j≠i} r_j = G/(G − 1)·(r_i − mean_j r_j)
-        scale=True:     A_i ← A_i / std(r_1, …, r_G)           (GRPO's normalisation)
+        scale=True:     A_i ← A_i / std(r_1, …, r_G)           (GRPO's; the sample std, as torch.std, TRL, veRL)
 
-    std is the sample standard deviation, sqrt(Σ_j (r_j − mean r)² / (G − 1)) (Bessel's correction, as
-    torch.std and the GRPO implementations of TRL and veRL compute it), the same for both baselines.
-    A group whose scores are all equal gets A_i = 0 exactly, scaled or not: its centred scores are 0 in exact
-    arithmetic but not always in floating point (mean(0.1, 0.1, 0.1) ≠ 0.1), and its std is 0 or a rounding
-    error: divided by it they are NaN (0/0) or rounding over rounding (−0.82 each for 0.1, 0.1, 0.1), by
-    std + 1e-6 a small nonzero (−1.4e-11), and a real deviation over a zero std + 1e-6 is ±1e6. Such a group
-    carries no signal: it is zeroed explicitly. Any other group has some r_i − mean ≠ 0 (floating-point subtraction is 0
-    only for equal numbers). The scores are divided by the largest |r_j| before they are summed, so the mean cannot
-    overflow (scores near the float maximum would give inf − inf = NaN), and the deviations by the largest of them
-    before they are squared, so the std cannot underflow to 0 (scores 0 and 1e-300 give ±0.71, not ±inf):
-    |A_i| ≤ √(G − 1) whatever the scores and the rounding, (G − 1)/√G in exact arithmetic (group-mean;
-    leave-one-out G/(G − 1) times these). Unscaled, an A_i past the float maximum is ±inf, never NaN. With G = 1,
-    group-mean gives 0; leave-one-out needs G ≥ 2."""
+    A group whose scores are all equal carries no signal: its A_i are 0 exactly, not rounding over rounding. The
+    scores are rescaled before they are summed or squared, so finite scores never give NaN (docs/grpo.md,
+    "Numerical hazards"). With G = 1, group-mean gives 0; leave-one-out needs G ≥ 2."""
     G = scores.shape[-1]
     if baseline not in ("group-mean", "leave-one-out"):
         raise ValueError(f"baseline must be 'group-mean' or 'leave-one-out', not {baseline!r}")
@@ -255,27 +245,21 @@ def batch_advantages(batch: dict, args: Args, beta: float) -> tuple[torch.Tensor
 
 
 def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: Literal["k1", "k2", "k3"]) -> torch.Tensor:
-    """Per-token estimate k(a_t | s_t) of KL(π_θ‖π_ref), from log π_θ(a_t|s_t) (with its gradient) and
-    log π_ref(a_t|s_t) (a constant) of tokens sampled from π_θ (Schulman, "Approximating KL divergence", 2020):
+    """Per-token estimates of KL(π_θ‖π_ref) from tokens sampled from π_θ (Schulman, "Approximating KL divergence"):
 
-        k1 = log π_θ − log π_ref
-        k2 = ½·(log π_θ − log π_ref)²
-        k3 = (ρ − 1) − log ρ,   ρ = π_ref/π_θ         (GRPO's estimator; ρ − 1 = expm1(log ρ) for accuracy)
+        k1 = log π_θ − log π_ref,   k2 = ½·(log π_θ − log π_ref)²,   k3 = (ρ − 1) − log ρ,   ρ = π_ref/π_θ
 
-    The loss adds β·k per token. On-policy and with one token (a categorical π), E_{a~π}[∇_θ k1] = 0,
-    E[∇_θ k2] = ∇_θ KL(π_θ‖π_ref), the reverse (mode-seeking) KL of RLHF's convention, and E[∇_θ k3] =
-    ∇_θ KL(π_ref‖π_θ), the forward (mass-covering) one. Over responses of several tokens, the per-token sums
-    give these per state, weighted by π_θ's state distribution held fixed: none is the gradient of the
-    sequence-level KL(π_θ(y)‖π_ref(y)); −β·Σ_t k1 put in the reward (detached, a score-function term) is.
-    k3 takes log ρ at most 20, as veRL does: e^{log ρ} overflows float32 past 88, and past 20 (π_θ < 2e-9·π_ref)
-    its value stays e^20 − 21 and its gradient is 0. Padding may hold NaN: mask the result with torch.where."""
+    Each needs only the sampled token's log-probs, not a sum over the vocabulary; which KL each one's gradient
+    follows is in docs/grpo.md. Padding may hold NaN: mask the result."""
     log_ratio = logp - logp_ref  # log π_θ/π_ref = −log ρ
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio**2
     if estimator == "k3":
-        log_rho = (-log_ratio).clamp(max=20.0)  # e^20 − 21 ≈ 4.9e8: finite in float32, and so is its square
+        # log ρ at most 20, as veRL does: e^{log ρ} overflows float32 past 88; at 20 (π_θ < 2e-9·π_ref) the value
+        # e^20 − 21 ≈ 4.9e8 and its square are finite, and the gradient is 0.
+        log_rho = (-log_ratio).clamp(max=20.0)
         return torch.expm1(log_rho) - log_rho
     raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', not {estimator!r}")
 
@@ -288,23 +272,16 @@ def token_weights(
     max_new_tokens: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Each valid token's weight w [B, T] in the minibatch loss L = Σ_i Σ_t w_{i,t}·ℓ_{i,t} (0 on padding),
-    for the rows of `mask` that this micro-batch holds. The counts are those of the whole minibatch,
-    over every micro-batch and process: N = n_responses responses holding n_tokens valid tokens in all.
-    So each token's weight is the same wherever its response lands, and summing the micro-batches' losses
-    (and the processes' gradients) gives the whole minibatch's loss and gradient. Normalising by a
-    micro-batch's own counts would not (the bug veRL fixed twice).
+    """Each valid token's weight w [B, T] in the minibatch loss L = Σ_i Σ_t w_{i,t}·ℓ_{i,t} (0 on padding):
 
-        sequence  (GRPO paper):    w = 1/(N·|y_i|)             L = (1/N)·Σ_i (1/|y_i|)·Σ_t ℓ_{i,t}
-        token     (DAPO, TRL):     w = 1/n_tokens              L = Σ_i Σ_t ℓ_{i,t} / Σ_i |y_i|
-        constant  (Dr. GRPO):      w = 1/(N·max_new_tokens)    L = Σ_i Σ_t ℓ_{i,t} / (N·max_new_tokens)
+        sequence  (GRPO paper):    w = 1/(N·|y_i|)
+        token     (DAPO, TRL):     w = 1/n_tokens
+        constant  (Dr. GRPO):      w = 1/(N·max_new_tokens)
 
-    With ℓ_t = −A(y)·log π_θ(a_t|s_t) and y ~ π_θ i.i.d., J = E[R]: "constant" has E[∇L] = −∇J/max_new_tokens
-    for every N. "sequence" has E[∇L] = −E[A(y)/|y|·∇log π_θ(y)] = −∇E[A/|y|], which favours short correct
-    answers and long wrong ones. "token" has E[∇L] = −E[Σ_i A_i ∇log π_θ(y_i) / Σ_i |y_i|], not proportional
-    to ∇J for finite N unless every response has the same length; it is consistent: as N → ∞ it tends to
-    −∇J/E|y| (both sums over N, divided by N, converge). With DistributedDataParallel, which averages the
-    processes' gradients, multiply the loss by the number of processes."""
+    N = n_responses and n_tokens count the whole minibatch, every micro-batch and process, so the micro-batches'
+    losses sum to the minibatch's; a micro-batch's own counts would not (the bug veRL fixed twice). Which choice
+    keeps the expected step along ∇J: docs/grpo.md. Under DistributedDataParallel, which averages the processes'
+    gradients, the caller multiplies the loss by the number of processes."""
     if mode == "sequence":
         weight = 1.0 / (mask.sum(-1, keepdim=True).to(dtype) * n_responses)
     elif mode == "token":
@@ -339,13 +316,12 @@ def policy_loss(
         surrogate cispo:  ℓ_t = −sg[clip(ρ_t, 1 − ε_low, 1 + ε_high)]·A_t·log π_θ(a_t|s_t)   (CISPO)
 
     PPO's min keeps the objective a pessimistic bound on the unclipped one: the clip removes the incentive to
-    move ρ_t further in the direction A_t favours (there ∂ℓ_t/∂θ = 0), never the penalty for moving it the wrong
-    way. CISPO clips the weight instead: its gradient −clip(ρ_t)·A_t·∇log π_θ(a_t|s_t) never vanishes. GSPO's ρ_t
-    is s_i on every token of response i, one clip per response, with the gradient s_i·∇log π_θ(a_t|s_t): averaged
-    over the response's tokens it is GSPO's sequence objective −min(s_i·A_i, clip(s_i)·A_i) when A is per response."""
+    move ρ_t further in the direction A_t favours, never the penalty for moving it the wrong way. CISPO clips the
+    weight instead, so its gradient never vanishes; why GSPO's ρ_t is its sequence objective: docs/grpo.md."""
     if ratio not in ("token", "sequence") or surrogate not in ("clip", "cispo"):
-        raise ValueError(f"ratio must be 'token' or 'sequence' and surrogate 'clip' or 'cispo', not {ratio!r}, "
-                         f"{surrogate!r}")  # fmt: skip
+        raise ValueError(
+            f"ratio must be 'token' or 'sequence' and surrogate 'clip' or 'cispo', not {ratio!r}, {surrogate!r}"
+        )
     log_ratio = logp - logp_old  # log r_t, from log-probs: no division by a tiny π_old
     log_rho = log_ratio
     if ratio == "sequence":  # the mean over the response's own tokens, padding left out (it may hold NaN)
@@ -365,25 +341,28 @@ def rollout(policy, tok, prompts: list[str], args: Args) -> tuple[dict, int]:
     """A response to each prompt from π_old and its score. Returns the batch, a dict of tensors with a row per
     response, and the prompt width."""
     model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
-    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
-                                                 args.inference_batch_size, cuda_graph=args.cuda_graphs)  # fmt: skip
-    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    size, temperature = args.inference_batch_size, args.temperature
+    ids, attn, prompt_width, mask, finished = sample(
+        policy, tok, model_prompts, args.max_new_tokens, temperature, size, cuda_graph=args.cuda_graphs
+    )
+    texts = decode(tok, ids[:, prompt_width:], mask, finished)
     scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
-    return dict(ids=ids, attn=attn, mask=mask, scores=scores), n_prompt
+    return dict(ids=ids, attn=attn, mask=mask, scores=scores), prompt_width
 
 
 @torch.no_grad()
-def score(policy, ref_policy, batch: dict, n_prompt: int, args: Args) -> dict:
+def score(policy, ref_policy, batch: dict, prompt_width: int, args: Args) -> dict:
     """The batch with log π_old and the entropy of π_old on its tokens, and log π_ref if β > 0. π_old in passes of
     the update's micro-batch shape: the same kernels, so r_t = 1 exactly before the first step."""
     ids, attn, temperature, size = batch["ids"], batch["attn"], args.temperature, args.inference_batch_size
     rows = min(args.micro_batch_size, len(ids) // args.num_minibatches)
-    passes = [token_logprobs(policy, ids[i : i + rows], attn[i : i + rows], n_prompt, temperature, True)
-              for i in range(0, len(ids), rows)]  # fmt: skip
+    micro = [slice(i, i + rows) for i in range(0, len(ids), rows)]
+    passes = [token_logprobs(policy, ids[c], attn[c], prompt_width, temperature, True) for c in micro]
     batch["logp_old"], batch["entropy"] = (torch.cat(x) for x in zip(*passes))
     if ref_policy is not None:
-        batch["logp_ref"] = torch.cat([token_logprobs(ref_policy, ids[i : i + size], attn[i : i + size], n_prompt,
-                                                      temperature)[0] for i in range(0, len(ids), size)])  # fmt: skip
+        chunks = [slice(i, i + size) for i in range(0, len(ids), size)]
+        logp_ref = [token_logprobs(ref_policy, ids[c], attn[c], prompt_width, temperature)[0] for c in chunks]
+        batch["logp_ref"] = torch.cat(logp_ref)
     return batch
 
 
@@ -404,8 +383,8 @@ def collect(policy, tok, rng: random.Random, args: Args, ref_policy, n_groups: i
             break
     chosen = torch.cat([differ.nonzero(), (~differ).nonzero()]).flatten()[:n_groups].sort().values
     rows = (chosen[:, None] * args.group_size + torch.arange(args.group_size, device=chosen.device)).flatten()
-    batch, n_prompt = join(rounds, tok.pad_token_id)
-    return score(policy, ref_policy, {k: v[rows] for k, v in batch.items()}, n_prompt, args), n_prompt, scores
+    batch, prompt_width = join(rounds, tok.pad_token_id)
+    return score(policy, ref_policy, {k: v[rows] for k, v in batch.items()}, prompt_width, args), prompt_width, scores
 
 
 def join(parts: list[tuple[dict, int]], pad_id: int) -> tuple[dict, int]:
@@ -413,7 +392,7 @@ def join(parts: list[tuple[dict, int]], pad_id: int) -> tuple[dict, int]:
     their masks and per-token values) right-padded to the longest."""
     if len(parts) == 1:
         return parts[0]
-    n_prompt, width = max(n for _, n in parts), max(batch["mask"].shape[1] for batch, _ in parts)
+    prompt_width, width = max(n for _, n in parts), max(batch["mask"].shape[1] for batch, _ in parts)
 
     def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
         return torch.cat([x.new_full((len(x), left), value), x, x.new_full((len(x), right), value)], 1)
@@ -424,15 +403,15 @@ def join(parts: list[tuple[dict, int]], pad_id: int) -> tuple[dict, int]:
         for batch, n in parts:
             x, right = batch[key], width - batch["mask"].shape[1]
             if key in ("ids", "attn"):  # [B, P + T]
-                x = pad(x, n_prompt - n, right, pad_id if key == "ids" else 0)
+                x = pad(x, prompt_width - n, right, pad_id if key == "ids" else 0)
             elif x.dim() == 2:  # [B, T]: the response mask
                 x = pad(x, 0, right, False if x.dtype == torch.bool else 0)
             columns.append(x)
         joined[key] = torch.cat(columns)
-    return joined, n_prompt
+    return joined, prompt_width
 
 
-def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: Args, beta: float):
+def update_minibatch(learner, optimizer, minibatch: dict, prompt_width: int, args: Args, beta: float):
     """One gradient step on a minibatch (this process's share: a dict of [b, ...] tensors), summed over
     micro-batches. Each token's weight in the loss comes from the whole minibatch's counts, over every
     process (token_weights), so neither the micro-batch size nor the number of processes changes the step.
@@ -452,15 +431,17 @@ def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: A
     for i, mb in enumerate(micro):
         sync = i == len(micro) - 1 or not isinstance(learner, DistributedDataParallel)  # average once, at the end
         with contextlib.nullcontext() if sync else learner.no_sync():
-            logp, _ = learner(mb["ids"], mb["attn"], n_prompt, args.temperature)
+            logp, _ = learner(mb["ids"], mb["attn"], prompt_width, args.temperature)
             advantages = mb["advantages"][:, None].expand_as(logp)  # A_i on every token of response i
-            pg_loss, ratio, clipped = policy_loss(logp, mb["logp_old"], advantages, mb["mask"], args.clip_range,
-                                                  clip_high, args.ratio, args.surrogate)  # fmt: skip
+            pg_loss, ratio, clipped = policy_loss(
+                logp, mb["logp_old"], advantages, mb["mask"], args.clip_range, clip_high, args.ratio, args.surrogate
+            )
             kl = torch.zeros_like(logp)
             if args.kl_penalty != "k1-reward" and beta > 0:  # β·k per token, differentiated through log π_θ
                 kl = kl_penalty(logp, mb["logp_ref"], args.kl_penalty.removesuffix("-loss"))
-            weights = token_weights(mb["mask"], args.loss_aggregation, n_responses, n_tokens, args.max_new_tokens,
-                                    logp.dtype)  # fmt: skip
+            weights = token_weights(
+                mb["mask"], args.loss_aggregation, n_responses, n_tokens, args.max_new_tokens, logp.dtype
+            )
             loss = weighted_loss(pg_loss + beta * kl, weights, mb["mask"])
             (loss * world).backward()
         logged.append((mb["mask"], ratio.detach(), clipped, pg_loss.detach(), kl.detach()))
@@ -489,49 +470,50 @@ def main() -> None:
     batch_size, local_batch = args.num_prompts * args.group_size, local_prompts * args.group_size
     num_iterations = math.ceil(args.total_episodes / batch_size)
     beta = args.kl_coef
-    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
-              f"{args.group_size} responses), {args.ppo_epochs} epochs x {args.num_minibatches} minibatches, "
-              f"up to {args.max_sampling_rounds} sampling rounds, baseline {args.baseline}, scale "
-              f"{args.scale_advantages}, loss over {args.loss_aggregation}, {args.surrogate} of the {args.ratio} "
-              f"ratio, kl_coef {beta} ({args.kl_penalty})"
-              + (f", LoRA rank {args.lora_rank} on {len(adapters.layers)} layers" if adapters else ""))  # fmt: skip
+    run.begin(
+        policy,
+        f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
+        f"{args.group_size} responses), {args.ppo_epochs} epochs x {args.num_minibatches} minibatches, "
+        f"up to {args.max_sampling_rounds} sampling rounds, baseline {args.baseline}, scale "
+        f"{args.scale_advantages}, loss over {args.loss_aggregation}, {args.surrogate} of the {args.ratio} "
+        f"ratio, kl_coef {beta} ({args.kl_penalty})"
+        + (f", LoRA rank {args.lora_rank} on {len(adapters.layers)} layers" if adapters else ""),
+    )
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
-    for iteration in range(run.first_iteration, num_iterations + 1):
-        try:
-            # 1. Collect: a group of G responses to each of P prompts, their scores, and π_old and π_ref on them;
-            #    with dynamic sampling, only groups whose scores differ, sampled in rounds of P prompts.
-            batch, n_prompt, sampled = collect(policy, tok, run.rng, args, ref_policy, local_prompts)
-            run.note_equal_scores(sampled, iteration)
+    for iteration in run.iterations(num_iterations):
+        # 1. Collect: a group of G responses to each of P prompts, their scores, and π_old and π_ref on them;
+        #    with dynamic sampling, only groups whose scores differ, sampled in rounds of P prompts.
+        batch, prompt_width, sampled = collect(policy, tok, run.rng, args, ref_policy, local_prompts)
+        run.note_equal_scores(sampled, iteration)
 
-            # 2. Advantages: each response's reward against its group's, one A_i for all its tokens. With the KL
-            #    in the reward, R_i = r_i − β·Σ_t log(π_old/π_ref), as ppo.py does.
-            rewards, batch["advantages"] = batch_advantages(batch, args, beta)
+        # 2. Advantages: each response's reward against its group's, one A_i for all its tokens. With the KL
+        #    in the reward, R_i = r_i − β·Σ_t log(π_old/π_ref), as ppo.py does.
+        rewards, batch["advantages"] = batch_advantages(batch, args, beta)
 
-            # 3. Update (not at iteration 0): epochs x shuffled minibatches, one Adam step each. The learning
-            #    rate decays linearly to 0, so the last batches move the policy little.
-            steps = []
-            if iteration > 0:
-                for param_group in optimizer.param_groups:
-                    param_group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
-                learner.train()  # only gradient checkpointing cares: dropout is off
-                for epoch in range(args.ppo_epochs):
-                    for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
-                        steps.append(update_minibatch(learner, optimizer, {k: v[idx] for k, v in batch.items()},
-                                                      n_prompt, args, beta))  # fmt: skip
-                learner.eval()
+        # 3. Update (not at iteration 0): epochs x shuffled minibatches, one Adam step each. The learning
+        #    rate falls linearly from lr at the first update to lr/N at the last, so the last batches move the
+        #    policy little.
+        steps = []
+        if iteration > 0:
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+            learner.train()  # only gradient checkpointing cares: dropout is off
+            for epoch in range(args.ppo_epochs):
+                for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
+                    minibatch = {k: v[idx] for k, v in batch.items()}
+                    steps.append(update_minibatch(learner, optimizer, minibatch, prompt_width, args, beta))
+            learner.eval()
 
-            # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
-            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock(), "beta": beta}
-            row |= batch_stats(batch, rewards, sampled) | (update_stats(steps) if steps else {})
-            due = run.evaluation_due(iteration, batch_size, num_iterations)
-            if due and run.rank == 0:
-                row |= evaluate(policy, tok, args)
-            run.log(row, "reward_mean", "kl", "entropy", "clip_fraction", "equal_score_groups")
-            if due:  # after the row: a resume redoes everything after its last save
-                run.save(row, policy, tok)
-        except FloatingPointError as e:
-            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+        # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+        row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock(), "beta": beta}
+        row |= batch_stats(batch, rewards, sampled) | (update_stats(steps) if steps else {})
+        due = run.evaluation_due(iteration, batch_size, num_iterations)
+        if due and run.rank == 0:
+            row |= evaluate(policy, tok, args)
+        run.log(row, "reward_mean", "kl", "entropy", "clip_fraction", "equal_score_groups")
+        if due:  # after the row: a resume redoes everything after its last save
+            run.save(row, policy, tok)
     run.finish()
 
 
@@ -566,7 +548,7 @@ def update_stats(steps: list) -> dict:
     mask, ratio, clipped, pg_loss, kl = (torch.cat(x) for x in zip(*micro))
     first_mask, first_ratio = (torch.cat(x) for x in list(zip(*steps[0][1]))[:2])
     log_ratio = ratio.log()
-    return floats({
+    stats = {
         "policy_loss": masked_mean(pg_loss, mask),
         "kl_loss": masked_mean(kl, mask),  # the estimator in the loss, per token (0 with the KL in the reward)
         "ratio_mean": masked_mean(ratio, mask),
@@ -579,7 +561,8 @@ def update_stats(steps: list) -> dict:
         # Before the first step π_θ = π_old, so every r_t of the first minibatch must be 1 up to rounding.
         "first_minibatch_ratio_error": global_max((first_ratio[first_mask] - 1).abs().max()),
         "grad_norm": torch.stack(grad_norms).mean(),
-    })  # fmt: skip
+    }
+    return floats(stats)
 
 
 # ==== Below: the machinery a reader may skip. ============================================================
@@ -1014,9 +997,10 @@ def evaluate(policy, tok, args) -> dict:
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
         gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
         size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
-                                                  args.temperature, size, greedy, gen, args.cuda_graphs)  # fmt: skip
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        model_prompts = conversations(prompts, args.chat)
+        ids, _, prompt_width, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
+                                                      size, greedy, gen, args.cuda_graphs)  # fmt: skip
+        texts = decode(tok, ids[:, prompt_width:], mask, finished)
         scores = list(map(reward, prompts, texts, finished.tolist()))
         result[key] = sum(scores) / len(prompts)
         if greedy:
@@ -1054,20 +1038,27 @@ def floats(row: dict) -> dict:
     return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
 
 
-# The policy's forward pass (as in reinforce.py).
-def token_logprobs(policy, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
+# The policy's forward pass (the same in every script).
+def token_logprobs(policy, ids, attn, prompt_width: int, temperature: float, entropy: bool = False, states=None):
     """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
     it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
-    attention mask, position ids and temperature."""
-    mask = attn[:, n_prompt:].bool()  # the response mask
+    attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the first step. `states`
+    are h(s_t) from response_states when the caller has them already: a critic on the policy's body reads them."""
+    mask = attn[:, prompt_width:].bool()  # the response mask
+    hidden = response_states(policy.base_model, ids, attn, prompt_width) if states is None else states
     with autocast(ids.device):
-        out = policy.base_model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
-        hidden = out.last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
-        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:].flatten()  # every position: see there
-        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy,
-                                          policy.token_id_limit)  # fmt: skip
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, prompt_width:].flatten()  # every position: see there
+        limit = policy.token_id_limit
+        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy, limit)
     unpack = lambda x: None if x is None else torch.where(mask, x.view(mask.shape), 0.0)
     return unpack(logp), unpack(entropy)
+
+
+def response_states(body, ids, attn, prompt_width: int) -> torch.Tensor:
+    """h(s_t) [B, T, H]: the body's last hidden state at each position that predicts a response token a_t."""
+    with autocast(ids.device):
+        out = body(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    return out.last_hidden_state[:, prompt_width - 1 : -1]
 
 
 class PolicyLogProbs(torch.nn.Module):
@@ -1077,11 +1068,14 @@ class PolicyLogProbs(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, ids, attn, n_prompt: int, temperature: float):
-        return token_logprobs(self.policy, ids, attn, n_prompt, temperature)
+    def forward(self, ids, attn, prompt_width: int, temperature: float):
+        return token_logprobs(self.policy, ids, attn, prompt_width, temperature)
 
 
 # ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+# A copy that only ever runs as one process may delete what torchrun needs: data_parallel (use the module
+# itself), the process group in start() and Run.finish(), and global_sum's and global_max's all-reduce
+# (each then returns its argument); no_sync in the update is then never reached.
 def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     """This script's own bad input: (is it bad, the error line)."""
     flag = lambda name: "--" + name.replace("_", "-")
@@ -1229,6 +1223,8 @@ class Run:
     model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
     prompts (seed + rank), which a save keeps with torch's."""
 
+    active = None  # the run of this process, once made
+
     def __init__(self, args, name: str, device: torch.device):
         self.args, self.name, self.device = args, name, device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -1237,6 +1233,7 @@ class Run:
         self.rng = random.Random(args.seed + self.rank)
         self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
         self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+        self.iteration, Run.active = None, self  # what one_line_errors reports of a non-finite number
 
     def restore(self, **stateful) -> dict:
         """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
@@ -1257,6 +1254,12 @@ class Run:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
         return state
+
+    def iterations(self, num_iterations: int):
+        """The iterations still to run, up to num_iterations; iteration 0 measures the starting policy."""
+        for iteration in range(self.first_iteration, num_iterations + 1):
+            self.iteration = iteration
+            yield iteration
 
     def begin(self, policy, description: str) -> None:
         """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
@@ -1371,11 +1374,14 @@ def save(policy, tok, path: Path, state: dict) -> None:
 def one_line_errors():
     """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
     write at once, and Python's own handler writes the message and its newline apart, interleaving them.
-    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    A non-finite number (FloatingPointError) ends the same way, saying where: the run is never stepped on it."""
     try:
         yield
     except (SystemExit, FloatingPointError) as e:
-        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        run = getattr(globals().get("Run"), "active", None)  # this process's run, if it made one (and has Run)
+        if isinstance(e, FloatingPointError) and run is not None and run.iteration is not None:
+            message += f" at iteration {run.iteration}; the last save is in {run.dir}"
         if not isinstance(message, str):
             raise
         sys.stderr.write(message + "\n")

@@ -94,7 +94,7 @@ class Args:
     """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
     # ---- PPO ----
     learning_rate: float = 3e-5
-    """Adam learning rate of the policy and the critic at the first iteration; it decays linearly to 0"""
+    """Adam learning rate of policy and critic at the first update; it falls linearly, to lr/N at the last of N"""
     max_grad_norm: float = 1.0
     """clip the gradient's global norm to this"""
     ppo_epochs: int = 4
@@ -173,21 +173,34 @@ def eval_prompts() -> list[str]:
 
 
 # ==== PPO. Token tensors are [B, T] over response tokens, masks bool; padding may hold anything, NaN included. ====
-def kl_estimators(logp: torch.Tensor, logp_ref: torch.Tensor):
-    """Per-token estimates of KL(π‖π_ref) from tokens sampled from π (Schulman, "Approximating KL
-    divergence", 2020), with ρ = π_ref/π: k1 = −log ρ, unbiased but negative on some tokens;
-    k3 = (ρ − 1) − log ρ, also unbiased since E_π[ρ] = 1, never negative, and of lower variance."""
-    log_rho = logp_ref - logp
-    return -log_rho, torch.expm1(log_rho) - log_rho
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: Literal["k1", "k2", "k3"]) -> torch.Tensor:
+    """Per-token estimates of KL(π_θ‖π_ref) from tokens sampled from π_θ (Schulman, "Approximating KL divergence"):
+
+        k1 = log π_θ − log π_ref,   k2 = ½·(log π_θ − log π_ref)²,   k3 = (ρ − 1) − log ρ,   ρ = π_ref/π_θ
+
+    Each needs only the sampled token's log-probs, not a sum over the vocabulary; which KL each one's gradient
+    follows is in docs/grpo.md. Padding may hold NaN: mask the result."""
+    log_ratio = logp - logp_ref  # log π_θ/π_ref = −log ρ
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # log ρ at most 20, as veRL does: e^{log ρ} overflows float32 past 88; at 20 (π_θ < 2e-9·π_ref) the value
+        # e^20 − 21 ≈ 4.9e8 and its square are finite, and the gradient is 0.
+        log_rho = (-log_ratio).clamp(max=20.0)
+        return torch.expm1(log_rho) - log_rho
+    raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', not {estimator!r}")
 
 
-def token_rewards(scores, logp_old: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, beta: float):
-    """r_t = −β·log(π_old/π_ref)(a_t | s_t) on every response token, plus the score on the last one: the stop
-    token, or the last token of a cut-off response. [B, T], 0 on padding. The penalty per token tells the
-    critic where the divergence happened; the score only exists once the response does."""
-    rewards = torch.where(mask, -beta * kl_estimators(logp_old, logp_ref)[0], 0.0)  # k1 in the reward
-    last = mask.sum(1) - 1
-    return rewards.index_put((torch.arange(len(scores), device=scores.device), last), scores, accumulate=True)
+def token_rewards(scores: torch.Tensor, response_mask: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = −β·KL_t on every response token (KL_t, given as `kl`: k1 of the policy that sampled), plus the
+    score on the last one: the stop token, or the last token of a cut-off response. [B, T], 0 on padding. The
+    penalty per token tells the critic where the divergence happened; the score only exists once the response
+    does."""
+    last = response_mask.sum(1, keepdim=True) - 1
+    rewards = torch.where(response_mask, -kl_coef * kl, 0.0)
+    return rewards.scatter_add(1, last, scores[:, None].to(rewards.dtype))
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -226,23 +239,25 @@ def rollout(agent, tok, prompts: list[str], args: Args, ref_policy, reward_model
     π_old on its tokens. Returns the batch, a dict of tensors with a row per response, and the prompt width."""
     size, temperature = args.inference_batch_size, args.temperature
     model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
-    ids, attn, n_prompt, mask, finished = sample(agent.policy, tok, model_prompts, args.max_new_tokens, temperature,
-                                                 size, cuda_graph=args.cuda_graphs)  # fmt: skip
-    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    ids, attn, prompt_width, mask, finished = sample(
+        agent.policy, tok, model_prompts, args.max_new_tokens, temperature, size, cuda_graph=args.cuda_graphs
+    )
+    texts = decode(tok, ids[:, prompt_width:], mask, finished)
     gold = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
     scores = gold if reward_model is None else reward_model_scores(reward_model, ids, attn, size)
     batch = dict(ids=ids, attn=attn, mask=mask, scores=scores - args.missing_eos_penalty * ~finished, gold=gold)
     # π_old in passes of the update's micro-batch shape: the same kernels, so r_t = 1 exactly before the first step.
     rows = min(args.micro_batch_size, len(prompts) // args.num_minibatches)
     micro = [slice(i, i + rows) for i in range(0, len(prompts), rows)]
-    passes = [agent(ids[c], attn[c], n_prompt, temperature, entropy=True) for c in micro]
+    passes = [agent(ids[c], attn[c], prompt_width, temperature, entropy=True) for c in micro]
     batch["logp_old"], batch["entropy"], batch["values_old"] = (torch.cat(x) for x in zip(*passes))
     chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
-    batch["logp_ref"] = torch.cat([forward(ref_policy, ids[c], attn[c], n_prompt, temperature)[0] for c in chunks])
-    return batch, n_prompt
+    logp_ref = [token_logprobs(ref_policy, ids[c], attn[c], prompt_width, temperature)[0] for c in chunks]
+    batch["logp_ref"] = torch.cat(logp_ref)
+    return batch, prompt_width
 
 
-def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: Args):
+def update_minibatch(learner, optimizer, minibatch: dict, prompt_width: int, args: Args):
     """One gradient step on a minibatch (this process's share: a dict of [b, ...] tensors), summed over
     micro-batches. The loss is the mean over the valid tokens of the whole minibatch, on every process:
     each token is an action with its own A_t, weighted alike whatever its response's length, so neither
@@ -261,7 +276,7 @@ def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: A
     for i, mb in enumerate(micro):
         sync = i == len(micro) - 1 or not isinstance(learner, DistributedDataParallel)  # average once, at the end
         with contextlib.nullcontext() if sync else learner.no_sync():
-            logp, _, values = learner(mb["ids"], mb["attn"], n_prompt, args.temperature)
+            logp, _, values = learner(mb["ids"], mb["attn"], prompt_width, args.temperature)
             pg_loss, ratio = policy_loss(logp, mb["logp_old"], mb["advantages"], args.clip_range)
             vf_loss = value_loss(values, mb["values_old"], mb["returns"], args.value_clip_range)
             loss = masked_sum(pg_loss, mb["mask"]) + args.vf_coef * masked_sum(vf_loss, mb["mask"])
@@ -299,63 +314,65 @@ def main() -> None:
     learner = data_parallel(agent)  # the agent, its gradients averaged over processes (itself in one)
     batch_size, local_batch = args.num_prompts, args.num_prompts // run.world
     num_iterations = math.ceil(args.total_episodes / batch_size)
-    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes, {args.ppo_epochs} epochs x "
-              f"{args.num_minibatches} minibatches, {args.critic} critic, kl_coef {args.kl_coef}"
-              + (f" -> target {args.kl_target}" if args.kl_target else "")
-              + (f", LoRA rank {args.lora_rank} on {len(adapters.layers)} layers" if adapters else ""))  # fmt: skip
+    run.begin(
+        policy,
+        f"{num_iterations} iterations x {batch_size} episodes, {args.ppo_epochs} epochs x "
+        f"{args.num_minibatches} minibatches, {args.critic} critic, kl_coef {args.kl_coef}"
+        + (f" -> target {args.kl_target}" if args.kl_target else "")
+        + (f", LoRA rank {args.lora_rank} on {len(adapters.layers)} layers" if adapters else ""),
+    )
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
-    for iteration in range(run.first_iteration, num_iterations + 1):
-        try:
-            # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
-            batch, n_prompt = rollout(agent, tok, train_prompts(run.rng, local_batch), args, ref_policy, reward_model)
-            run.note_equal_scores(batch["scores"], iteration)
+    for iteration in run.iterations(num_iterations):
+        # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
+        batch, prompt_width = rollout(agent, tok, train_prompts(run.rng, local_batch), args, ref_policy, reward_model)
+        run.note_equal_scores(batch["scores"], iteration)
 
-            # 2. Advantages: GAE on r_t = −β·KL_t (+ the score), whitened after the returns are taken, so the
-            #    critic's targets keep their scale.
-            mask = batch["mask"]
-            rewards = token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], mask, beta)
-            advantages, returns = gae(rewards, batch["values_old"], mask, args.gamma, args.gae_lambda)  # R = A + V
-            batch.update(advantages=whiten(advantages, mask), returns=returns)
+        # 2. Advantages: GAE on r_t = −β·KL_t (+ the score), whitened after the returns are taken, so the
+        #    critic's targets keep their scale.
+        mask = batch["mask"]
+        rewards = token_rewards(batch["scores"], mask, kl_penalty(batch["logp_old"], batch["logp_ref"], "k1"), beta)
+        advantages, returns = gae(rewards, batch["values_old"], mask, args.gamma, args.gae_lambda)  # R = A + V
+        batch.update(advantages=whiten(advantages, mask), returns=returns)
 
-            # 3. Update (not at iteration 0): epochs x shuffled minibatches, one Adam step each. The learning
-            #    rate decays linearly to 0 (CleanRL's --anneal-lr), so the last batches move the policy little
-            #    and the saved model is not a noisy snapshot.
-            steps = []
-            if iteration > 0:
-                for group in optimizer.param_groups:
-                    group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
-                learner.train()  # only gradient checkpointing cares: dropout is off
-                for epoch in range(args.ppo_epochs):
-                    for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
-                        steps.append(update_minibatch(learner, optimizer, {k: v[idx] for k, v in batch.items()},
-                                                      n_prompt, args))  # fmt: skip
-                learner.eval()
+        # 3. Update (not at iteration 0): epochs x shuffled minibatches, one Adam step each. The learning
+        #    rate falls linearly from lr at the first update to lr/N at the last (CleanRL's --anneal-lr), so the
+        #    last batches move the policy little and the saved model is not a noisy snapshot.
+        steps = []
+        if iteration > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * (1 - (iteration - 1) / num_iterations)
+            learner.train()  # only gradient checkpointing cares: dropout is off
+            for epoch in range(args.ppo_epochs):
+                for idx in torch.randperm(local_batch, device=device).split(local_batch // args.num_minibatches):
+                    minibatch = {k: v[idx] for k, v in batch.items()}
+                    steps.append(update_minibatch(learner, optimizer, minibatch, prompt_width, args))
+            learner.eval()
 
-            # 4. Log and adapt β; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
-            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock(), "beta": beta}
-            row |= batch_stats(batch, rewards, returns) | (update_stats(steps) if steps else {})
-            if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
-                beta = adaptive_kl_coef(beta, row["kl"], args.kl_target, batch_size, args.kl_horizon)
-            due = run.evaluation_due(iteration, batch_size, num_iterations)
-            if due and run.rank == 0:
-                row |= evaluate(policy, tok, args)
-            run.log(row, "reward_mean", "kl", "entropy", "clip_fraction", "explained_variance")
-            if due:  # after the row: a resume redoes everything after its last save
-                run.save(row, policy, tok, beta=beta)
-        except FloatingPointError as e:
-            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+        # 4. Log and adapt β; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+        row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock(), "beta": beta}
+        row |= batch_stats(batch, rewards, returns) | (update_stats(steps) if steps else {})
+        if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
+            beta = adaptive_kl_coef(beta, row["kl"], args.kl_target, batch_size, args.kl_horizon)
+        due = run.evaluation_due(iteration, batch_size, num_iterations)
+        if due and run.rank == 0:
+            row |= evaluate(policy, tok, args)
+        run.log(row, "reward_mean", "kl", "entropy", "clip_fraction", "explained_variance")
+        if due:  # after the row: a resume redoes everything after its last save
+            run.save(row, policy, tok, beta=beta)
     run.finish()
 
 
 def batch_stats(batch: dict, rewards: torch.Tensor, returns: torch.Tensor) -> dict:
     """What the log says of a batch of responses, over every process."""
     mask, n = batch["mask"], global_sum(torch.tensor(len(batch["mask"]), device=batch["mask"].device))
-    kl_k1, kl_k3 = (global_sum(masked_sum(k, mask)) / n for k in kl_estimators(batch["logp_old"], batch["logp_ref"]))
+    kl_k1, kl_k3 = (
+        global_sum(masked_sum(kl_penalty(batch["logp_old"], batch["logp_ref"], k), mask)) / n for k in ("k1", "k3")
+    )
     var_returns = masked_var(returns, mask)
     # How much of the return the critic foresaw; undefined when every return is equal.
     explained = 1 - masked_var(returns - batch["values_old"], mask) / var_returns if var_returns > 0 else None
-    return floats({
+    stats = {
         "reward_mean": global_sum(masked_sum(rewards, mask)) / n,  # score − β·KL, per response
         "score_mean": global_sum(batch["scores"].sum()) / n,  # what the policy is trained on
         "gold_mean": global_sum(batch["gold"].sum()) / n,  # the task's own reward of the same responses
@@ -364,7 +381,8 @@ def batch_stats(batch: dict, rewards: torch.Tensor, returns: torch.Tensor) -> di
         "entropy": masked_mean(batch["entropy"], mask),
         "response_length": global_sum(mask.sum()) / n,
         "explained_variance": explained,
-    })  # fmt: skip
+    }
+    return floats(stats)
 
 
 def update_stats(steps: list) -> dict:
@@ -374,7 +392,7 @@ def update_stats(steps: list) -> dict:
     mask, ratio, advantages, pg_loss, vf_loss = (torch.cat(x) for x in zip(*micro))
     first_mask, first_ratio = (torch.cat(x) for x in list(zip(*steps[0][1]))[:2])
     log_ratio = ratio.log()
-    return floats({
+    stats = {
         "policy_loss": masked_mean(pg_loss, mask),
         "value_loss": masked_mean(vf_loss, mask),
         "ratio_mean": masked_mean(ratio, mask),
@@ -387,7 +405,8 @@ def update_stats(steps: list) -> dict:
         # Before the first step π_θ = π_old, so every r_t of the first minibatch must be 1 up to rounding.
         "first_minibatch_ratio_error": global_max((first_ratio[first_mask] - 1).abs().max()),
         "grad_norm": torch.stack(grad_norms).mean(),
-    })  # fmt: skip
+    }
+    return floats(stats)
 
 
 # ==== Below: the machinery a reader may skip. ============================================================
@@ -822,9 +841,10 @@ def evaluate(policy, tok, args) -> dict:
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
         gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
         size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
-                                                  args.temperature, size, greedy, gen, args.cuda_graphs)  # fmt: skip
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        model_prompts = conversations(prompts, args.chat)
+        ids, _, prompt_width, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
+                                                      size, greedy, gen, args.cuda_graphs)  # fmt: skip
+        texts = decode(tok, ids[:, prompt_width:], mask, finished)
         scores = list(map(reward, prompts, texts, finished.tolist()))
         result[key] = sum(scores) / len(prompts)
         if greedy:
@@ -866,25 +886,27 @@ def floats(row: dict) -> dict:
     return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
 
 
-# The value head's forward pass (as in actor_critic.py), and the reward model (as in reward_model.py).
-def forward(policy, ids, attn, n_prompt: int, temperature: float, critic=None, value_head=None, entropy=False):
-    """log π(a_t | s_t) [B, T] of each response token; if asked, the entropy of π(· | s_t) [B, T] (no
-    gradient: it is only logged; else None); and with a value head, V(s_t) [B, T] from the last hidden
-    state of the critic, the policy's own (critic=None) or a separate backbone's (else None). One pass
-    with the sampler's attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the
-    first step. The log-probs and entropies are 0 on padding."""
-    mask = attn[:, n_prompt:].bool()  # the response mask
-    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+# The policy's forward pass (the same in every script), and the value head's (as in actor_critic.py).
+def token_logprobs(policy, ids, attn, prompt_width: int, temperature: float, entropy: bool = False, states=None):
+    """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
+    it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
+    attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the first step. `states`
+    are h(s_t) from response_states when the caller has them already: a critic on the policy's body reads them."""
+    mask = attn[:, prompt_width:].bool()  # the response mask
+    hidden = response_states(policy.base_model, ids, attn, prompt_width) if states is None else states
     with autocast(ids.device):
-        hidden = policy.base_model(**inputs).last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
-        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:].flatten()  # every position: see there
-        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy,
-                                          policy.token_id_limit)  # fmt: skip
-        if critic is not None and value_head is not None:
-            hidden = critic(**inputs).last_hidden_state[:, n_prompt - 1 : -1]
-    values = None if value_head is None else value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, prompt_width:].flatten()  # every position: see there
+        limit = policy.token_id_limit
+        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy, limit)
     unpack = lambda x: None if x is None else torch.where(mask, x.view(mask.shape), 0.0)
-    return unpack(logp), unpack(entropy), values
+    return unpack(logp), unpack(entropy)
+
+
+def response_states(body, ids, attn, prompt_width: int) -> torch.Tensor:
+    """h(s_t) [B, T, H]: the body's last hidden state at each position that predicts a response token a_t."""
+    with autocast(ids.device):
+        out = body(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    return out.last_hidden_state[:, prompt_width - 1 : -1]
 
 
 class PolicyAndCritic(torch.nn.Module):
@@ -894,8 +916,14 @@ class PolicyAndCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.value_head, self.critic = policy, value_head, critic
 
-    def forward(self, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
-        return forward(self.policy, ids, attn, n_prompt, temperature, self.critic, self.value_head, entropy)
+    def forward(self, ids, attn, prompt_width: int, temperature: float, entropy: bool = False):
+        """token_logprobs' log π_θ and entropy, and V_φ(s_t) [B, T] from the last hidden state of the critic:
+        the policy's own body (critic None: one pass for both) or a separate one."""
+        states = response_states(self.policy.base_model, ids, attn, prompt_width)
+        logp, entropy = token_logprobs(self.policy, ids, attn, prompt_width, temperature, entropy, states)
+        if self.critic is not None:
+            states = response_states(self.critic, ids, attn, prompt_width)
+        return logp, entropy, self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
 def load_reward_model(path: str, device: torch.device, dtype: torch.dtype, policy_tok):
@@ -937,6 +965,9 @@ def reward_model_scores(model, ids: torch.Tensor, attn: torch.Tensor, batch_size
 
 
 # ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+# A copy that only ever runs as one process may delete what torchrun needs: data_parallel (use the module
+# itself), the process group in start() and Run.finish(), and global_sum's and global_max's all-reduce
+# (each then returns its argument); no_sync in the update is then never reached.
 def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     """This script's own bad input: (is it bad, the error line)."""
     minibatch = args.num_prompts // (args.num_minibatches * world) if args.num_minibatches >= 1 else 0
@@ -1078,6 +1109,8 @@ class Run:
     model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
     prompts (seed + rank), which a save keeps with torch's."""
 
+    active = None  # the run of this process, once made
+
     def __init__(self, args, name: str, device: torch.device):
         self.args, self.name, self.device = args, name, device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -1086,6 +1119,7 @@ class Run:
         self.rng = random.Random(args.seed + self.rank)
         self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
         self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+        self.iteration, Run.active = None, self  # what one_line_errors reports of a non-finite number
 
     def restore(self, **stateful) -> dict:
         """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
@@ -1106,6 +1140,12 @@ class Run:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
         return state
+
+    def iterations(self, num_iterations: int):
+        """The iterations still to run, up to num_iterations; iteration 0 measures the starting policy."""
+        for iteration in range(self.first_iteration, num_iterations + 1):
+            self.iteration = iteration
+            yield iteration
 
     def begin(self, policy, description: str) -> None:
         """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
@@ -1220,11 +1260,14 @@ def save(policy, tok, path: Path, state: dict) -> None:
 def one_line_errors():
     """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
     write at once, and Python's own handler writes the message and its newline apart, interleaving them.
-    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    A non-finite number (FloatingPointError) ends the same way, saying where: the run is never stepped on it."""
     try:
         yield
     except (SystemExit, FloatingPointError) as e:
-        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        run = getattr(globals().get("Run"), "active", None)  # this process's run, if it made one (and has Run)
+        if isinstance(e, FloatingPointError) and run is not None and run.iteration is not None:
+            message += f" at iteration {run.iteration}; the last save is in {run.dir}"
         if not isinstance(message, str):
             raise
         sys.stderr.write(message + "\n")

@@ -149,21 +149,24 @@ def rollout(policy, tok, prompts: list[str], args: Args, ref_policy) -> tuple[di
     per response, and the prompt width."""
     size, temperature = args.inference_batch_size, args.temperature
     model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
-    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, temperature, size,
-                                                 cuda_graph=args.cuda_graphs)  # fmt: skip
-    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    ids, attn, prompt_width, mask, finished = sample(
+        policy, tok, model_prompts, args.max_new_tokens, temperature, size, cuda_graph=args.cuda_graphs
+    )
+    texts = decode(tok, ids[:, prompt_width:], mask, finished)
     scores = torch.tensor(list(map(reward, prompts, texts, finished.tolist())), device=ids.device)
     chunks = [slice(i, i + size) for i in range(0, len(prompts), size)]
-    passes = [token_logprobs(policy, ids[c], attn[c], n_prompt, temperature, True) for c in chunks]
+    passes = [token_logprobs(policy, ids[c], attn[c], prompt_width, temperature, True) for c in chunks]
     logp, entropy = (torch.cat(x) for x in zip(*passes))
     kl = torch.zeros_like(scores)
     if ref_policy is not None:
-        logp_ref = torch.cat([token_logprobs(ref_policy, ids[c], attn[c], n_prompt, temperature)[0] for c in chunks])
+        logp_ref = torch.cat(
+            [token_logprobs(ref_policy, ids[c], attn[c], prompt_width, temperature)[0] for c in chunks]
+        )
         kl = torch.where(mask, logp - logp_ref, 0.0).sum(1)
-    return dict(ids=ids, attn=attn, mask=mask, scores=scores, kl=kl, entropy=entropy), n_prompt
+    return dict(ids=ids, attn=attn, mask=mask, scores=scores, kl=kl, entropy=entropy), prompt_width
 
 
-def update(learner, optimizer, batch: dict, n_prompt: int, args: Args) -> torch.Tensor:
+def update(learner, optimizer, batch: dict, prompt_width: int, args: Args) -> torch.Tensor:
     """One gradient step on reinforce_loss over this process's responses, summed over micro-batches
     (each weighted by its share of the responses); DistributedDataParallel averages it over the
     processes, which hold as many responses each. Returns the gradient norm. A gradient that is not
@@ -174,7 +177,7 @@ def update(learner, optimizer, batch: dict, n_prompt: int, args: Args) -> torch.
     for i, mb in enumerate(micro):
         sync = i == len(micro) - 1 or not isinstance(learner, DistributedDataParallel)  # average once, at the end
         with contextlib.nullcontext() if sync else learner.no_sync():
-            logp, _ = learner(batch["ids"][mb], batch["attn"][mb], n_prompt, args.temperature)
+            logp, _ = learner(batch["ids"][mb], batch["attn"][mb], prompt_width, args.temperature)
             loss = reinforce_loss(logp, batch["mask"][mb], batch["advantages"][mb])
             (loss * len(batch["mask"][mb]) / n).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
@@ -203,50 +206,50 @@ def main() -> None:
     local_prompts = args.num_prompts // run.world
     batch_size = args.num_prompts * args.samples_per_prompt
     num_iterations = math.ceil(args.total_episodes / batch_size)
-    run.begin(policy, f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
-              f"{args.samples_per_prompt} samples), baseline {args.baseline}, kl_coef {args.kl_coef}")  # fmt: skip
+    run.begin(
+        policy,
+        f"{num_iterations} iterations x {batch_size} episodes ({args.num_prompts} prompts x "
+        f"{args.samples_per_prompt} samples), baseline {args.baseline}, kl_coef {args.kl_coef}",
+    )
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
-    for iteration in range(run.first_iteration, num_iterations + 1):
-        try:
-            # 1. Collect: K responses to each of P prompts, their scores, and their KL to π_ref.
-            prompts = [p for p in train_prompts(run.rng, local_prompts) for _ in range(args.samples_per_prompt)]
-            batch, n_prompt = rollout(policy, tok, prompts, args, ref_policy)
-            run.note_equal_scores(batch["scores"], iteration)
+    for iteration in run.iterations(num_iterations):
+        # 1. Collect: K responses to each of P prompts, their scores, and their KL to π_ref.
+        prompts = [p for p in train_prompts(run.rng, local_prompts) for _ in range(args.samples_per_prompt)]
+        batch, prompt_width = rollout(policy, tok, prompts, args, ref_policy)
+        run.note_equal_scores(batch["scores"], iteration)
 
-            # 2. Advantages: R = score − β·Σ_t log(π_θ/π_ref), so the KL penalty is scaled like the score;
-            #    A = R − b, with b blind to the response it scales.
-            rewards = batch["scores"] - args.kl_coef * batch["kl"]
-            if args.baseline == "leave-one-out":
-                baseline = leave_one_out(rewards.view(local_prompts, -1)).flatten()
-            elif args.baseline == "mean":  # the mean of earlier batches only, so b never sees this R
-                baseline = torch.full_like(rewards, running_mean if running_mean is not None else 0.0)
-                batch_mean = (global_sum(rewards.sum()) / batch_size).item()
-                running_mean = batch_mean if running_mean is None else 0.9 * running_mean + 0.1 * batch_mean
-            else:
-                baseline = torch.zeros_like(rewards)
-            batch["advantages"] = rewards - baseline
+        # 2. Advantages: R = score − β·Σ_t log(π_θ/π_ref), so the KL penalty is scaled like the score;
+        #    A = R − b, with b blind to the response it scales.
+        rewards = batch["scores"] - args.kl_coef * batch["kl"]
+        if args.baseline == "leave-one-out":
+            baseline = leave_one_out(rewards.view(local_prompts, -1)).flatten()
+        elif args.baseline == "mean":  # the mean of earlier batches only, so b never sees this R
+            baseline = torch.full_like(rewards, running_mean if running_mean is not None else 0.0)
+            batch_mean = (global_sum(rewards.sum()) / batch_size).item()
+            running_mean = batch_mean if running_mean is None else 0.9 * running_mean + 0.1 * batch_mean
+        else:
+            baseline = torch.zeros_like(rewards)
+        batch["advantages"] = rewards - baseline
 
-            # 3. Update (not at iteration 0): one gradient step on −mean_i A_i·Σ_t log π_θ(a_t | s_t).
-            grad_norm = None
-            if iteration > 0:
-                learner.train()  # only gradient checkpointing cares: dropout is off
-                grad_norm = update(learner, optimizer, batch, n_prompt, args)
-                learner.eval()
+        # 3. Update (not at iteration 0): one gradient step on −mean_i A_i·Σ_t log π_θ(a_t | s_t).
+        grad_norm = None
+        if iteration > 0:
+            learner.train()  # only gradient checkpointing cares: dropout is off
+            grad_norm = update(learner, optimizer, batch, prompt_width, args)
+            learner.eval()
 
-            # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
-            row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock()}
-            row |= batch_stats(batch, rewards, baseline, batch_size)
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm.item()
-            due = run.evaluation_due(iteration, batch_size, num_iterations)
-            if due and run.rank == 0:
-                row |= evaluate(policy, tok, args)
-            run.log(row, "reward_mean", "kl", "entropy")
-            if due:  # after the row: a resume redoes everything after its last save
-                run.save(row, policy, tok, running_mean=running_mean)
-        except FloatingPointError as e:
-            sys.exit(f"error: {e} at iteration {iteration}; the last save is in {run.dir}")
+        # 4. Log; evaluate and save every --eval-every episodes (rank 0 evaluates alone).
+        row = {"iteration": iteration, "episodes": iteration * batch_size, "seconds": run.clock()}
+        row |= batch_stats(batch, rewards, baseline, batch_size)
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm.item()
+        due = run.evaluation_due(iteration, batch_size, num_iterations)
+        if due and run.rank == 0:
+            row |= evaluate(policy, tok, args)
+        run.log(row, "reward_mean", "kl", "entropy")
+        if due:  # after the row: a resume redoes everything after its last save
+            run.save(row, policy, tok, running_mean=running_mean)
     run.finish()
 
 
@@ -254,7 +257,7 @@ def batch_stats(batch: dict, rewards: torch.Tensor, baseline: torch.Tensor, batc
     """What the log says of a batch of responses, over every process: means per response, and per token."""
     mean = lambda x: global_sum(x.sum()) / batch_size
     advantages, mask = batch["advantages"], batch["mask"]
-    return floats({
+    stats = {
         "reward_mean": mean(rewards),  # score − β·KL
         "score_mean": mean(batch["scores"]),
         "baseline_mean": mean(baseline),
@@ -262,7 +265,8 @@ def batch_stats(batch: dict, rewards: torch.Tensor, baseline: torch.Tensor, batc
         "kl": mean(batch["kl"]),  # KL(π_θ‖π_ref) per response, in nats: k1, the estimator in the reward
         "response_length": global_sum(mask.sum()) / batch_size,
         "entropy": masked_mean(batch["entropy"], mask),
-    })  # fmt: skip
+    }
+    return floats(stats)
 
 
 # ==== Below: the machinery a reader may skip. ============================================================
@@ -605,9 +609,10 @@ def evaluate(policy, tok, args) -> dict:
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
         gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
         size = args.inference_batch_size
-        ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
-                                                  args.temperature, size, greedy, gen, args.cuda_graphs)  # fmt: skip
-        texts = decode(tok, ids[:, n_prompt:], mask, finished)
+        model_prompts = conversations(prompts, args.chat)
+        ids, _, prompt_width, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
+                                                      size, greedy, gen, args.cuda_graphs)  # fmt: skip
+        texts = decode(tok, ids[:, prompt_width:], mask, finished)
         scores = list(map(reward, prompts, texts, finished.tolist()))
         result[key] = sum(scores) / len(prompts)
         if greedy:
@@ -645,20 +650,27 @@ def floats(row: dict) -> dict:
     return {k: v.item() if torch.is_tensor(v) else v for k, v in row.items()}
 
 
-# The policy's forward pass (as in grpo.py).
-def token_logprobs(policy, ids, attn, n_prompt: int, temperature: float, entropy: bool = False):
+# The policy's forward pass (the same in every script).
+def token_logprobs(policy, ids, attn, prompt_width: int, temperature: float, entropy: bool = False, states=None):
     """log π_θ(a_t | s_t) of each response token and, if asked, the entropy of π_θ(· | s_t) (no gradient:
     it is only logged; else None), each [B, T] and 0 on padding, from one forward pass with the sampler's
-    attention mask, position ids and temperature."""
-    mask = attn[:, n_prompt:].bool()  # the response mask
+    attention mask, position ids and temperature, so π_θ/π_old is exactly 1 before the first step. `states`
+    are h(s_t) from response_states when the caller has them already: a critic on the policy's body reads them."""
+    mask = attn[:, prompt_width:].bool()  # the response mask
+    hidden = response_states(policy.base_model, ids, attn, prompt_width) if states is None else states
     with autocast(ids.device):
-        out = policy.base_model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
-        hidden = out.last_hidden_state[:, n_prompt - 1 : -1]  # h(s_t), which predicts a_t
-        lm_head, tokens = policy.get_output_embeddings(), ids[:, n_prompt:].flatten()  # every position: see there
-        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy,
-                                          policy.token_id_limit)  # fmt: skip
+        lm_head, tokens = policy.get_output_embeddings(), ids[:, prompt_width:].flatten()  # every position: see there
+        limit = policy.token_id_limit
+        logp, entropy = response_logprobs(lm_head, hidden.flatten(0, 1), tokens, temperature, entropy, limit)
     unpack = lambda x: None if x is None else torch.where(mask, x.view(mask.shape), 0.0)
     return unpack(logp), unpack(entropy)
+
+
+def response_states(body, ids, attn, prompt_width: int) -> torch.Tensor:
+    """h(s_t) [B, T, H]: the body's last hidden state at each position that predicts a response token a_t."""
+    with autocast(ids.device):
+        out = body(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    return out.last_hidden_state[:, prompt_width - 1 : -1]
 
 
 class PolicyLogProbs(torch.nn.Module):
@@ -668,11 +680,14 @@ class PolicyLogProbs(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, ids, attn, n_prompt: int, temperature: float):
-        return token_logprobs(self.policy, ids, attn, n_prompt, temperature)
+    def forward(self, ids, attn, prompt_width: int, temperature: float):
+        return token_logprobs(self.policy, ids, attn, prompt_width, temperature)
 
 
 # ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
+# A copy that only ever runs as one process may delete what torchrun needs: data_parallel (use the module
+# itself), the process group in start() and Run.finish(), and global_sum's and global_max's all-reduce
+# (each then returns its argument); no_sync in the update is then never reached.
 def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     """This script's own bad input: (is it bad, the error line)."""
     flag = lambda name: "--" + name.replace("_", "-")
@@ -799,6 +814,8 @@ class Run:
     model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
     prompts (seed + rank), which a save keeps with torch's."""
 
+    active = None  # the run of this process, once made
+
     def __init__(self, args, name: str, device: torch.device):
         self.args, self.name, self.device = args, name, device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -807,6 +824,7 @@ class Run:
         self.rng = random.Random(args.seed + self.rank)
         self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
         self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
+        self.iteration, Run.active = None, self  # what one_line_errors reports of a non-finite number
 
     def restore(self, **stateful) -> dict:
         """Name what a save keeps besides the policy (modules and the optimizer, by their state_dict); on
@@ -827,6 +845,12 @@ class Run:
             torch.cuda.set_rng_state(cuda_rng, self.device)
         self.first_iteration, self.seconds = state["iteration"] + 1, state["seconds"]
         return state
+
+    def iterations(self, num_iterations: int):
+        """The iterations still to run, up to num_iterations; iteration 0 measures the starting policy."""
+        for iteration in range(self.first_iteration, num_iterations + 1):
+            self.iteration = iteration
+            yield iteration
 
     def begin(self, policy, description: str) -> None:
         """Open the folder (rank 0): args.json, and metrics.jsonl with the rows up to the last save when
@@ -941,11 +965,14 @@ def save(policy, tok, path: Path, state: dict) -> None:
 def one_line_errors():
     """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
     write at once, and Python's own handler writes the message and its newline apart, interleaving them.
-    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    A non-finite number (FloatingPointError) ends the same way, saying where: the run is never stepped on it."""
     try:
         yield
     except (SystemExit, FloatingPointError) as e:
-        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        run = getattr(globals().get("Run"), "active", None)  # this process's run, if it made one (and has Run)
+        if isinstance(e, FloatingPointError) and run is not None and run.iteration is not None:
+            message += f" at iteration {run.iteration}; the last save is in {run.dir}"
         if not isinstance(message, str):
             raise
         sys.stderr.write(message + "\n")

@@ -83,7 +83,7 @@ class Args:
     chat: bool = False
     """give each prompt to the model as a user's message, rendered by its tokenizer's chat template"""
     learning_rate: float = 1e-4
-    """Adam learning rate at the first step; it decays linearly to 0"""
+    """Adam learning rate at the first step; it falls linearly, to lr/N at the last of N"""
     epochs: int = 20
     """passes over the training pairs"""
     batch_size: int = 32
@@ -554,9 +554,9 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def responses(policy, tok, prompts: list[str], temperature: float, args: Args) -> list[Response]:
     """A sampled response to each prompt: what `reward` judges and what the reward model reads."""
     model_prompts = conversations(prompts, args.chat)  # with --chat, each a user's message
-    ids, attn, n_prompt, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, temperature,
+    ids, attn, prompt_width, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, temperature,
                                                  args.inference_batch_size, cuda_graph=args.cuda_graphs)  # fmt: skip
-    texts = decode(tok, ids[:, n_prompt:], mask, finished)
+    texts = decode(tok, ids[:, prompt_width:], mask, finished)
     sequences = [row[keep] for row, keep in zip(ids.cpu(), attn.cpu().bool())]  # the real tokens, no padding
     return [Response(*response) for response in zip(prompts, texts, finished.tolist(), sequences)]
 
@@ -706,11 +706,14 @@ def save(model, tok, path: Path, files: dict[str, dict]) -> None:
 def one_line_errors():
     """sys.exit("error: ...") as one write to stderr and exit status 1: under torchrun several processes
     write at once, and Python's own handler writes the message and its newline apart, interleaving them.
-    Non-finite numbers that no loop caught (FloatingPointError) end the same way."""
+    A non-finite number (FloatingPointError) ends the same way, saying where: the run is never stepped on it."""
     try:
         yield
     except (SystemExit, FloatingPointError) as e:
-        message = f"error: {e}" if isinstance(e, FloatingPointError) else e.code
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        run = getattr(globals().get("Run"), "active", None)  # this process's run, if it made one (and has Run)
+        if isinstance(e, FloatingPointError) and run is not None and run.iteration is not None:
+            message += f" at iteration {run.iteration}; the last save is in {run.dir}"
         if not isinstance(message, str):
             raise
         sys.stderr.write(message + "\n")

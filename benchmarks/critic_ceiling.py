@@ -28,10 +28,10 @@ import ppo  # noqa: E402
 def responses(model, tok, rng: random.Random, n: int, max_new_tokens: int, temperature: float):
     """One sampled response to each of n training prompts, as ppo.py samples them, and its score."""
     prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(n)]
-    ids, attn, n_prompt, mask, finished = ppo.sample(model, tok, prompts, max_new_tokens, temperature, n)
-    texts = ppo.decode(tok, ids[:, n_prompt:], mask, finished)
+    ids, attn, prompt_width, mask, finished = ppo.sample(model, tok, prompts, max_new_tokens, temperature, n)
+    texts = ppo.decode(tok, ids[:, prompt_width:], mask, finished)
     scores = list(map(ppo.reward, prompts, texts, finished.tolist()))
-    return prompts, ids, attn, n_prompt, mask, texts, scores
+    return prompts, ids, attn, prompt_width, mask, texts, scores
 
 
 def explained_variance(returns: torch.Tensor, values: torch.Tensor) -> float:
@@ -67,9 +67,11 @@ def linear_probe(path: str, batches: int, batch_size: int, temperature: float, m
     rng = random.Random(seed)
     features, returns = [], []
     for _ in range(batches):
-        _, ids, attn, n_prompt, mask, _, scores = responses(model, tok, rng, batch_size, max_new_tokens, temperature)
+        _, ids, attn, prompt_width, mask, _, scores = responses(
+            model, tok, rng, batch_size, max_new_tokens, temperature
+        )
         out = model(input_ids=ids, attention_mask=attn, position_ids=ppo.positions(attn), output_hidden_states=True)
-        features.append(out.hidden_states[-1][:, n_prompt - 1 : -1][mask])  # h_t: the state before token t
+        features.append(out.hidden_states[-1][:, prompt_width - 1 : -1][mask])  # h_t: the state before token t
         returns.append(torch.tensor(scores)[:, None].expand_as(mask)[mask])
     x, r = torch.cat(features).double(), torch.cat(returns).double()
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # the bias b

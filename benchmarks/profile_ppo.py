@@ -5,8 +5,8 @@ each phase calls in timers (ppo.py itself is left untouched):
 
   generation   sample() during training                 (the KV-cache sampling loop)
   scoring      decode() and reward()                    (tokens -> text -> task score)
-  forward      forward() without gradients              (π_old, values, π_ref)
-  update       forward() with gradients, backward() and Adam's step, each timed apart
+  forward      the policy's and critic's passes without gradients    (π_old, values, π_ref)
+  update       the same passes with gradients, backward() and Adam's step, each timed apart
   evaluation, setup: evaluate(), and loading and saving models: not part of an iteration
 
 A timer counts time exclusive of the timed calls nested inside it, so nothing is counted twice;
@@ -77,7 +77,9 @@ def instrument() -> None:
     ppo.decode = timed("scoring", ppo.decode)
     ppo.reward = timed("scoring", ppo.reward)
     ppo.reward_model_scores = timed("scoring", ppo.reward_model_scores)
-    ppo.forward = timed(lambda: "update: forward" if torch.is_grad_enabled() else "forward", ppo.forward)
+    forward = lambda: "update: forward" if torch.is_grad_enabled() else "forward"
+    ppo.PolicyAndCritic.forward = timed(forward, ppo.PolicyAndCritic.forward)  # π_θ and V_φ
+    ppo.token_logprobs = timed(forward, ppo.token_logprobs)  # π_ref, and π_θ inside the above
     ppo.evaluate = marked(timed("evaluation", ppo.evaluate))
     ppo.load_policy = timed("setup", ppo.load_policy)
     ppo.load_reward_model = timed("setup", ppo.load_reward_model)
@@ -129,13 +131,13 @@ def profile_ops(extra: list[str], steps: int = 20) -> None:
     sys.argv = ["ppo.py", *extra]
     args = ppo.parse_args()
     model, tok = ppo.load_policy(args.model, torch.device("cpu"))
-    head = torch.nn.Linear(model.config.hidden_size, 1)
+    agent = ppo.PolicyAndCritic(model, torch.nn.Linear(model.config.hidden_size, 1))
     rng = random.Random(args.seed)
     prompts = [ppo.prompt_of(*rng.choice(ppo.TRAIN_PAIRS)) for _ in range(args.num_prompts // args.num_minibatches)]
-    ids, attn, n_prompt, *_ = ppo.sample(model, tok, prompts, args.max_new_tokens, args.temperature, len(prompts))
+    ids, attn, prompt_width, *_ = ppo.sample(model, tok, prompts, args.max_new_tokens, args.temperature, len(prompts))
 
     def step():
-        logp, _, values = ppo.forward(model, ids, attn, n_prompt, args.temperature, value_head=head)
+        logp, _, values = agent(ids, attn, prompt_width, args.temperature)
         (logp.sum() + values.sum()).backward()
 
     step()  # warm-up

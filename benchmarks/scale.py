@@ -108,23 +108,24 @@ flops = dict(tokens=0, response_tokens=0, model=0.0, recomputed=0.0)
 
 
 def count_update_flops(fn, gradient_checkpointing: bool, lora: bool):
-    """Wrap ppo.forward to add up, over the update's passes (those with gradients), the tokens through the
-    backbone (the whole [b, P+T] micro-batch, prompt and padding included: the model computes them all)
+    """Wrap ppo.PolicyAndCritic.forward to add up, over the update's passes (those with gradients), the tokens
+    through the backbone (the whole [b, P+T] micro-batch, prompt and padding included: the model computes them all)
     and through the LM head (every response position, as ppo.py computes it), and their model FLOPs: 6 per
     parameter and token for forward and backward, 4 with LoRA (a frozen weight gets no gradient of its own;
     the adapters' few FLOPs are not counted). Recomputation is counted apart: the LM head's chunks always run
     their forward again in the backward pass, and with gradient checkpointing every layer does."""
     per_token = 4 if lora else 6
 
-    def wrapper(policy, ids, attn, n_prompt, temperature, critic=None, value_head=None, entropy=False):
+    def wrapper(agent, ids, attn, prompt_width, temperature, entropy=False):
+        policy, critic = agent.policy, agent.critic
         if torch.is_grad_enabled():
             backbone = matmul_params(policy) + (matmul_params(critic) if critic is not None else 0)
-            head, n_response = policy.get_output_embeddings().weight.numel(), attn[:, n_prompt:].numel()
+            head, n_response = policy.get_output_embeddings().weight.numel(), attn[:, prompt_width:].numel()
             flops["tokens"] += ids.numel()
             flops["response_tokens"] += n_response
             flops["model"] += per_token * (backbone * ids.numel() + head * n_response)
             flops["recomputed"] += 2 * (backbone * ids.numel() * gradient_checkpointing + head * n_response)
-        return fn(policy, ids, attn, n_prompt, temperature, critic, value_head, entropy)
+        return fn(agent, ids, attn, prompt_width, temperature, entropy)
 
     return wrapper
 
@@ -183,14 +184,15 @@ def main() -> None:
         if not args.eval:
             ppo.evaluate = lambda *a, **k: {"eval_accuracy": 0.0, "eval_reward_sampled": 0.0}
             ppo.save = lambda *a, **k: None
-        timed = [(ppo, "sample"), (ppo, "forward"), (torch.Tensor, "backward"), (torch.optim.Adam, "step")]
+        timed = [(ppo, "sample"), (ppo.PolicyAndCritic, "forward"), (ppo, "token_logprobs"), (torch.Tensor, "backward")]
+        timed += [(torch.optim.Adam, "step")]
         for owner, name in timed if cuda else []:
             setattr(owner, name, synced(getattr(owner, name), before=False))  # inside the timer
         profile_ppo.instrument()
         for owner, name in timed if cuda else []:
             setattr(owner, name, synced(getattr(owner, name), before=True))  # outside it
         lora = "--lora-rank" in args.extra and int(args.extra[args.extra.index("--lora-rank") + 1]) > 0
-        ppo.forward = count_update_flops(ppo.forward, args.gradient_checkpointing, lora)
+        ppo.PolicyAndCritic.forward = count_update_flops(ppo.PolicyAndCritic.forward, args.gradient_checkpointing, lora)
         gc.collect()  # building the model is not part of the run
         if cuda:
             torch.cuda.empty_cache()

@@ -3,7 +3,7 @@ enumerate, and the script end to end.
 
 The tabular policy of tests/tiny.py (tokens EOS, a, b; at most 3 of them) has 15 responses and 7
 states, so every expectation under π is an exact sum. Its hidden state is a one-hot of the state, so
-the script's own value head on it is a table, V_φ(s) = φ[s], and the script's own forward,
+the script's own value head on it is a table, V_φ(s) = φ[s], and the script's own PolicyAndCritic,
 token_rewards, actor_loss and critic_loss run on it unchanged, with gae.py, at γ = 1.
 """
 
@@ -86,14 +86,14 @@ def objective(policy: TabularPolicy, ref: TabularPolicy, scores: torch.Tensor, b
 
 
 def run_pieces(policy, ref, scores, beta, critic: torch.Tensor, lam: float):
-    """The script's own steps on every response: forward with a tabular value head set to `critic`,
+    """The script's own steps on every response: PolicyAndCritic with a tabular value head set to `critic`,
     token rewards, GAE. Returns the head too, whose parameters are φ."""
-    ids, attn, n_prompt, mask = response_batch(RESPONSES)
+    ids, attn, prompt_width, mask = response_batch(RESPONSES)
     head = torch.nn.Linear(len(PREFIXES), 1).double()
     with torch.no_grad():
         head.weight.copy_(critic[None]), head.bias.zero_()
-    logp, _, values = ac.forward(policy, ids, attn, n_prompt, 1.0, value_head=head)
-    logp_ref = ac.forward(ref, ids, attn, n_prompt, 1.0)[0]
+    logp, _, values = ac.PolicyAndCritic(policy, head)(ids, attn, prompt_width, 1.0)
+    logp_ref = ac.token_logprobs(ref, ids, attn, prompt_width, 1.0)[0]
     rewards = ac.token_rewards(scores, mask, logp.detach() - logp_ref, beta)
     advantages, returns = gae(rewards, values, mask, GAMMA, lam)
     return dict(logp=logp, values=values, rewards=rewards, advantages=advantages, returns=returns, mask=mask, head=head)
@@ -125,7 +125,7 @@ def state_of(y: tuple, t: int) -> int:
 @given(tasks())
 def test_exact_critic_has_zero_bellman_residual_at_every_prefix(task):
     """V^π(s) = Σ_a π(a|s)·[r_t + V^π(s·a)] at every state s, with π, r_t and V read back through
-    the script's forward (its value head holding V^π) and token_rewards: values sit on the states,
+    the script's PolicyAndCritic (its value head holding V^π) and token_rewards: values sit on the states,
     log-probs on the actions and rewards on the (state, action) pairs they belong to."""
     policy, ref, scores, beta = task
     p = run_pieces(policy, ref, scores, beta, exact_values(policy, ref, scores, beta), lam=1.0)
@@ -257,7 +257,7 @@ def test_micro_batching_leaves_the_same_parameters(tmp_path):
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))  # so that the KL penalty is not 0
     torch.manual_seed(0)
-    ids, attn, n_prompt, mask, _ = ac.sample(policy, tok, [f"{i}+{3 * i}=" for i in range(16)], 4, 1.0, 16)
+    ids, attn, prompt_width, mask, _ = ac.sample(policy, tok, [f"{i}+{3 * i}=" for i in range(16)], 4, 1.0, 16)
     batch = dict(ids=ids, attn=attn, mask=mask, scores=torch.randn(16, dtype=torch.float64))
 
     def parameters_after_update(micro_batch_size: int) -> torch.Tensor:
@@ -267,7 +267,7 @@ def test_micro_batching_leaves_the_same_parameters(tmp_path):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         args = ac.Args(micro_batch_size=micro_batch_size, kl_coef=0.5)
         for _ in range(2):
-            ac.update(model.train(), optimizer, ref, batch, n_prompt, args)
+            ac.update(model.train(), optimizer, ref, batch, prompt_width, args)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     whole = parameters_after_update(16)

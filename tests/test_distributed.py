@@ -45,16 +45,17 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[tor
     policy, tok = ppo.load_policy(path, torch.device("cpu"), torch.float64)
     torch.manual_seed(0)  # the same responses in every process
     prompts = [f"{i}+{7 * i}=" for i in range(RESPONSES)]
-    ids, attn, n_prompt, mask, _ = ppo.sample(policy, tok, prompts, 4, 1.0, RESPONSES)
+    ids, attn, prompt_width, mask, _ = ppo.sample(policy, tok, prompts, 4, 1.0, RESPONSES)
     with torch.no_grad():
-        logp_old, entropy, _ = ppo.forward(policy, ids, attn, n_prompt, 1.0, entropy=True)
+        logp_old, entropy, _ = ppo.token_logprobs(policy, ids, attn, prompt_width, 1.0, entropy=True)
     noise = lambda *shape: torch.randn(shape or mask.shape, dtype=torch.float64)
     scores = noise(RESPONSES) + 1  # far from whitened already
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + 0.1 * noise(), entropy=entropy,
                  values_old=noise(), scores=scores, gold=(scores > 1).double())  # fmt: skip
     share = slice(rank * RESPONSES // world, (rank + 1) * RESPONSES // world)
     batch = {k: v[share] for k, v in batch.items()}
-    rewards = ppo.token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], batch["mask"], 0.1)
+    kl = ppo.kl_penalty(batch["logp_old"], batch["logp_ref"], "k1")
+    rewards = ppo.token_rewards(batch["scores"], batch["mask"], kl, 0.1)
     advantages, returns = gae(rewards, batch["values_old"], batch["mask"], 1.0, 0.95)
     batch.update(advantages=ppo.whiten(advantages, batch["mask"]), returns=returns)
 
@@ -75,7 +76,7 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[tor
         for minibatch in order:
             idx = minibatch[(minibatch >= rank * local) & (minibatch < (rank + 1) * local)] - rank * local
             steps.append(
-                ppo.update_minibatch(learner, optimizer, {k: v[idx] for k, v in batch.items()}, n_prompt, args)
+                ppo.update_minibatch(learner, optimizer, {k: v[idx] for k, v in batch.items()}, prompt_width, args)
             )
     row = ppo.batch_stats(batch, rewards, returns) | ppo.update_stats(steps)
     row["beta"] = ppo.adaptive_kl_coef(0.1, row["kl"], 0.01, RESPONSES, 100)
@@ -117,9 +118,9 @@ def grpo_updates(path: str, rank: int, world: int, store: str | None) -> dict:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     policy, tok = grpo.load_policy(path, torch.device("cpu"), torch.float64)
     torch.manual_seed(0)  # the same responses in every process
-    ids, attn, n_prompt, mask, _ = grpo.sample(policy, tok, [f"{i}+{3 * i}=" for i in range(RESPONSES)], 4, 1.0, 16)
+    ids, attn, prompt_width, mask, _ = grpo.sample(policy, tok, [f"{i}+{3 * i}=" for i in range(RESPONSES)], 4, 1.0, 16)
     with torch.no_grad():
-        logp_old = grpo.token_logprobs(policy, ids, attn, n_prompt, 1.0)[0]
+        logp_old = grpo.token_logprobs(policy, ids, attn, prompt_width, 1.0)[0]
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + 0.1 * torch.randn(mask.shape),
                  advantages=torch.randn(RESPONSES, dtype=torch.float64))  # fmt: skip
     assert len(set(mask.sum(1).tolist())) > 1  # responses of several lengths: the aggregations differ
@@ -131,7 +132,7 @@ def grpo_updates(path: str, rank: int, world: int, store: str | None) -> dict:
         args = grpo.Args(temperature=1.0, micro_batch_size=3, loss_aggregation=mode, kl_penalty="k3-loss")
         for half in (slice(0, 8), slice(8, 16)):  # a minibatch: 4 responses in each of 2 processes
             share = slice(half.start + rank * 8 // world, half.start + (rank + 1) * 8 // world)
-            grpo.update_minibatch(learner, optimizer, {k: v[share] for k, v in batch.items()}, n_prompt, args, 0.1)
+            grpo.update_minibatch(learner, optimizer, {k: v[share] for k, v in batch.items()}, prompt_width, args, 0.1)
         parameters[mode] = torch.cat([p.detach().flatten() for p in agent.parameters()])
     if store is not None:
         del learner  # before the group: see end_process_group

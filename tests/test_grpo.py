@@ -978,19 +978,21 @@ def gpt2_64(tmp_path_factory):
     )
 
 
-def updated_agent(policy, minibatches, n_prompt, **flags):
+def updated_agent(policy, minibatches, prompt_width, **flags):
     """A copy of policy (as the agent the script steps) after one update_minibatch per minibatch, β = 0.1."""
     agent = grpo.PolicyLogProbs(copy.deepcopy(policy))
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, fused=True)
     args = grpo.Args(temperature=1.0, max_new_tokens=4, **flags)
     for minibatch in minibatches:
-        grpo.update_minibatch(agent.train(), optimizer, minibatch, n_prompt, args, beta=0.1)
+        grpo.update_minibatch(agent.train(), optimizer, minibatch, prompt_width, args, beta=0.1)
     return agent.eval()
 
 
-def update_params(policy, minibatches, n_prompt, **flags):
+def update_params(policy, minibatches, prompt_width, **flags):
     """The parameters of a copy of policy after one update_minibatch per minibatch."""
-    return torch.cat([p.detach().flatten() for p in updated_agent(policy, minibatches, n_prompt, **flags).parameters()])
+    return torch.cat(
+        [p.detach().flatten() for p in updated_agent(policy, minibatches, prompt_width, **flags).parameters()]
+    )
 
 
 @pytest.mark.parametrize(
@@ -1005,20 +1007,20 @@ def test_micro_batching_leaves_the_same_parameters(gpt2_64, aggregation, kl, rat
     micro-batch's, and a response's ratio from its own tokens."""
     policy, tok = gpt2_64
     torch.manual_seed(0)
-    ids, attn, n_prompt, mask, _ = grpo.sample(policy, tok, [f"{i}+{2 * i}=" for i in range(16)], 4, 1.0, 16)
+    ids, attn, prompt_width, mask, _ = grpo.sample(policy, tok, [f"{i}+{2 * i}=" for i in range(16)], 4, 1.0, 16)
     with torch.no_grad():
-        logp_old = grpo.token_logprobs(policy, ids, attn, n_prompt, 1.0)[0]
+        logp_old = grpo.token_logprobs(policy, ids, attn, prompt_width, 1.0)[0]
     assert len(set(mask.sum(1).tolist())) > 1  # responses of several lengths: the aggregations differ
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + 0.1 * torch.randn(mask.shape),
                  advantages=torch.randn(16, dtype=torch.float64))  # fmt: skip
     minibatches = [{k: v[i : i + 8] for k, v in batch.items()} for i in (0, 8)]
     flags = dict(loss_aggregation=aggregation, kl_penalty=kl, ratio=ratio, surrogate=surrogate, clip_range_high=0.28)
-    whole = update_params(policy, minibatches, n_prompt, micro_batch_size=8, **flags)
+    whole = update_params(policy, minibatches, prompt_width, micro_batch_size=8, **flags)
     for size in (1, 3):
         assert_close(
-            update_params(policy, minibatches, n_prompt, micro_batch_size=size, **flags), whole, rtol=0, atol=1e-10
+            update_params(policy, minibatches, prompt_width, micro_batch_size=size, **flags), whole, rtol=0, atol=1e-10
         )
-    assert (whole - update_params(policy, [], n_prompt)).abs().max() > 1e-4  # the steps did move the parameters
+    assert (whole - update_params(policy, [], prompt_width)).abs().max() > 1e-4  # the steps did move the parameters
 
 
 @pytest.fixture(scope="module")
@@ -1061,20 +1063,24 @@ def test_the_kl_in_the_loss_pulls_the_policy_toward_pi_ref_where_no_advantage_do
     (already in the advantages, here 0) the policy does not move."""
     policy, tok = gpt2_64
     torch.manual_seed(1)
-    ids, attn, n_prompt, mask, _ = grpo.sample(policy, tok, [f"{i}+{5 * i}=" for i in range(8)], 4, 1.0, 8)
+    ids, attn, prompt_width, mask, _ = grpo.sample(policy, tok, [f"{i}+{5 * i}=" for i in range(8)], 4, 1.0, 8)
     with torch.no_grad():
-        logp_old = grpo.token_logprobs(policy, ids, attn, n_prompt, 1.0)[0]
+        logp_old = grpo.token_logprobs(policy, ids, attn, prompt_width, 1.0)[0]
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + torch.randn(mask.shape),
                  advantages=torch.zeros(8, dtype=torch.float64))  # fmt: skip
-    agent = updated_agent(policy, [batch], n_prompt, kl_penalty=kl)
-    moved = (update_params(policy, [batch], n_prompt, kl_penalty=kl) - update_params(policy, [], n_prompt)).abs().max()
+    agent = updated_agent(policy, [batch], prompt_width, kl_penalty=kl)
+    moved = (
+        (update_params(policy, [batch], prompt_width, kl_penalty=kl) - update_params(policy, [], prompt_width))
+        .abs()
+        .max()
+    )
     assert (moved > 1e-4) == (kl != "k1-reward")
     if kl != "k1-reward":
         estimator = kl.removesuffix("-loss")
 
         def mean_kl(model):
             with torch.no_grad():
-                logp = grpo.token_logprobs(model, ids, attn, n_prompt, 1.0)[0]
+                logp = grpo.token_logprobs(model, ids, attn, prompt_width, 1.0)[0]
             return grpo.kl_penalty(logp, batch["logp_ref"], estimator)[mask].mean()
 
         assert mean_kl(agent.policy) < mean_kl(policy) - 1e-4
@@ -1117,12 +1123,12 @@ def test_collect_keeps_the_first_groups_whose_raw_scores_differ_in_the_order_sam
     scored = []
     monkeypatch.setattr(grpo, "score", lambda policy, ref, batch, n, args: scored.append(batch) or batch)
     args = grpo.Args(group_size=2, max_sampling_rounds=max_rounds, kl_coef=0.1, kl_penalty="k1-reward")
-    batch, n_prompt, sampled = grpo.collect(None, SimpleNamespace(pad_token_id=0), random.Random(0), args, None, 2)
+    batch, prompt_width, sampled = grpo.collect(None, SimpleNamespace(pad_token_id=0), random.Random(0), args, None, 2)
     assert len(calls) == sampled_rounds and all(p[0] == p[1] and p[2] == p[3] for p in calls)  # G of each prompt
     scores = torch.tensor(rounds[:sampled_rounds], dtype=torch.float64).flatten()
     assert batch["row"].tolist() == rows and torch.equal(batch["scores"], scores[rows]) and scored == [batch]
     assert torch.equal(sampled, scores.view(-1, 2))
-    assert n_prompt == 1 + sampled_rounds and batch["ids"].shape[1] == n_prompt + sampled_rounds
+    assert prompt_width == 1 + sampled_rounds and batch["ids"].shape[1] == prompt_width + sampled_rounds
     if max_rounds == 1:
         alone, _ = fake_rollout(rounds)[0](None, None, ["p"] * 4, args)
         assert all(torch.equal(batch[k], alone[k]) for k in alone)
@@ -1136,10 +1142,10 @@ def test_joined_rollouts_score_the_same_log_probs_as_apart(gpt2_64):
     torch.manual_seed(2)
     parts = [grpo.rollout(policy, tok, prompts, grpo.Args(temperature=1.0, max_new_tokens=k))
              for prompts, k in ((["1+2=", "3+4="], 2), (["12+34=", "56+7="], 4), (["99+99="], 3))]  # fmt: skip
-    joined, n_prompt = grpo.join(parts, tok.pad_token_id)
-    assert n_prompt == max(n for _, n in parts) > min(n for _, n in parts) and joined["mask"].shape[1] == 4
+    joined, prompt_width = grpo.join(parts, tok.pad_token_id)
+    assert prompt_width == max(n for _, n in parts) > min(n for _, n in parts) and joined["mask"].shape[1] == 4
     with torch.no_grad():
-        logp, entropy = grpo.token_logprobs(policy, joined["ids"], joined["attn"], n_prompt, 1.0, entropy=True)
+        logp, entropy = grpo.token_logprobs(policy, joined["ids"], joined["attn"], prompt_width, 1.0, entropy=True)
         for batch, n in parts:
             batch["logp_old"], batch["entropy"] = grpo.token_logprobs(policy, batch["ids"], batch["attn"], n, 1.0,
                                                                       entropy=True)  # fmt: skip
@@ -1147,9 +1153,9 @@ def test_joined_rollouts_score_the_same_log_probs_as_apart(gpt2_64):
     for batch, n in parts:
         B, T = batch["mask"].shape
         own = slice(rows, rows + B)
-        assert torch.equal(joined["ids"][own, n_prompt - n : n_prompt + T], batch["ids"])
-        assert torch.equal(joined["attn"][own, n_prompt - n : n_prompt + T], batch["attn"])
-        assert not joined["attn"][own, : n_prompt - n].any() and not joined["attn"][own, n_prompt + T :].any()
+        assert torch.equal(joined["ids"][own, prompt_width - n : prompt_width + T], batch["ids"])
+        assert torch.equal(joined["attn"][own, prompt_width - n : prompt_width + T], batch["attn"])
+        assert not joined["attn"][own, : prompt_width - n].any() and not joined["attn"][own, prompt_width + T :].any()
         assert torch.equal(joined["mask"][own, :T], batch["mask"]) and not joined["mask"][own, T:].any()
         assert torch.equal(joined["scores"][own], batch["scores"])
         mask = batch["mask"]

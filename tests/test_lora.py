@@ -27,8 +27,8 @@ def base(request, tmp_path_factory):
 
     model, tok = ppo.load_policy(str(path), CPU, torch.float64)
     torch.manual_seed(0)
-    ids, attn, n_prompt, mask, _ = ppo.sample(model, tok, ["1+2=", "40+55=", "7+61=", "99+99="] * 2, 5, 2.0, 8)
-    return SimpleNamespace(path=path, tok=tok, batch=(ids, attn, n_prompt), mask=mask)
+    ids, attn, prompt_width, mask, _ = ppo.sample(model, tok, ["1+2=", "40+55=", "7+61=", "99+99="] * 2, 5, 2.0, 8)
+    return SimpleNamespace(path=path, tok=tok, batch=(ids, attn, prompt_width), mask=mask)
 
 
 def lora_policy(module, base, rank: int = 2):
@@ -38,8 +38,7 @@ def lora_policy(module, base, rank: int = 2):
 
 def logp(module, model, base):
     with torch.no_grad():
-        return module.token_logprobs(model, *base.batch, 1.0)[0] if module.__name__ == "grpo" else module.forward(
-            model, *base.batch, 1.0)[0]  # fmt: skip
+        return module.token_logprobs(model, *base.batch, 1.0)[0]
 
 
 def train_adapters(policy):

@@ -53,8 +53,8 @@ def test_ids_past_the_tokenizers_are_never_sampled(module, padded_vocab, greedy)
     nothing, and neither `reward` nor a reward model could see it."""
     model, tok = module.load_policy(str(padded_vocab), CPU)
     torch.manual_seed(0)
-    ids, _, n_prompt, _, _ = module.sample(loving_padding(model), tok, ["1+2=", "40+55="] * 8, 5, 1.0, 16, greedy)
-    assert ids[:, n_prompt:].max() < len(tok)
+    ids, _, prompt_width, _, _ = module.sample(loving_padding(model), tok, ["1+2=", "40+55="] * 8, 5, 1.0, 16, greedy)
+    assert ids[:, prompt_width:].max() < len(tok)
 
 
 # ---- Logits that are not finite ----
@@ -272,8 +272,8 @@ def test_every_script_trains_on_chat_prompts_sampled_from_the_template(chat_mode
     rows = run_main(module, *flags, "--output-dir", str(tmp_path))
     assert [r["iteration"] for r in rows][-1] > 0 and (tmp_path / "model" / "training_state.pt").exists()
     tok = AutoTokenizer.from_pretrained(chat_model)
-    for ids, attn, n_prompt, *_ in sampled:  # training batches and evaluations alike
-        assert_rendered_by_the_chat_template(tok, ids, attn, n_prompt)
+    for ids, attn, prompt_width, *_ in sampled:  # training batches and evaluations alike
+        assert_rendered_by_the_chat_template(tok, ids, attn, prompt_width)
     assert rewarded and all(isinstance(p, str) and p.endswith("=") for p in rewarded)
 
 
@@ -296,8 +296,8 @@ def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, t
     flags = [*SMALL_RUN["ppo"], "--chat", "--model", str(chat_model), "--max-new-tokens", "3", "--total-episodes", "8"]
     run_main(ppo, *flags, "--reward-model", str(tmp_path / "rm"), "--output-dir", str(tmp_path / "ppo"))
     tok = AutoTokenizer.from_pretrained(chat_model)
-    for ids, attn, n_prompt, *_ in sampled:  # reward_model.py's pairs, then ppo.py's batches
-        assert_rendered_by_the_chat_template(tok, ids, attn, n_prompt)
+    for ids, attn, prompt_width, *_ in sampled:  # reward_model.py's pairs, then ppo.py's batches
+        assert_rendered_by_the_chat_template(tok, ids, attn, prompt_width)
     assert scored and all(
         any(torch.equal(ids, s[0]) and torch.equal(attn, s[1]) for s in sampled) for ids, attn in scored
     )

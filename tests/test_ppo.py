@@ -5,6 +5,7 @@ docstring states the invariant it checks."""
 import copy
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -95,9 +96,9 @@ def test_at_ratio_one_the_ppo_gradient_is_the_vanilla_policy_gradient(theta, adv
     """With π_θ = π_old (the first minibatch), ∇ of the PPO loss = ∇ of −A·log π_θ, token by token
     through the script's forward pass on an enumerable policy."""
     policy = TabularPolicy(theta.view(-1, 3))
-    ids, attn, n_prompt, mask = response_batch(RESPONSES)
+    ids, attn, prompt_width, mask = response_batch(RESPONSES)
     advantages = advantages.view(len(RESPONSES), 3)
-    logp, _, _ = ppo.forward(policy, ids, attn, n_prompt, temperature)
+    logp, _ = ppo.token_logprobs(policy, ids, attn, prompt_width, temperature)
     ppo_loss, ratio = ppo.policy_loss(logp, logp.detach(), advantages, eps)
     (ppo_grad,) = torch.autograd.grad(ppo.masked_mean(ppo_loss, mask), policy.theta, retain_graph=True)
     (vanilla,) = torch.autograd.grad(ppo.masked_mean(-advantages * logp, mask), policy.theta)
@@ -139,14 +140,13 @@ def test_k1_and_k3_are_unbiased_estimators_of_kl(logits):
     """Σ_x π(x)·k(x) = KL(π‖π_ref) = Σ_x π(x)·(log π(x) − log π_ref(x)) exactly, over a small categorical."""
     logp, logp_ref = (x.log_softmax(0) for x in logits)
     kl = (logp.exp() * (logp - logp_ref)).sum()
-    for k in ppo.kl_estimators(logp, logp_ref):
-        assert_close((logp.exp() * k).sum(), kl, rtol=1e-9, atol=1e-12)
+    for k in ("k1", "k3"):
+        assert_close((logp.exp() * ppo.kl_penalty(logp, logp_ref, k)).sum(), kl, rtol=1e-9, atol=1e-12)
 
 
 @given(tensors(16, st.floats(-30, 30)), tensors(16, st.floats(-30, 30)))
 def test_k3_is_never_negative(logp, logp_ref):
-    _, k3 = ppo.kl_estimators(logp, logp_ref)
-    assert (k3 >= 0).all()
+    assert (ppo.kl_penalty(logp, logp_ref, "k3") >= 0).all()
 
 
 # ---- Token rewards and advantages ----
@@ -157,7 +157,7 @@ def test_monte_carlo_advantage_is_score_minus_beta_times_kl_to_go(batch, data, b
     logp_old, mask = batch
     logp_ref = torch.where(mask, data.draw(tensors(mask.numel())).view(mask.shape), math.nan)
     scores = data.draw(tensors(len(mask)))
-    rewards = ppo.token_rewards(scores, logp_old, logp_ref, mask, beta)
+    rewards = ppo.token_rewards(scores, mask, ppo.kl_penalty(logp_old, logp_ref, "k1"), beta)
     advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
     for i, n in enumerate(mask.sum(1).tolist()):
         kl = logp_old[i, :n] - logp_ref[i, :n]
@@ -242,15 +242,15 @@ def gpt2_64(tmp_path_factory):
 def random_minibatch(policy, tok, n: int, seed: int = 0):
     """n sampled responses with random advantages, returns and old values: what update_minibatch takes."""
     torch.manual_seed(seed)
-    ids, attn, n_prompt, mask, _ = ppo.sample(policy, tok, [f"{i}+{2 * i}=" for i in range(n)], 4, 1.0, n)
+    ids, attn, prompt_width, mask, _ = ppo.sample(policy, tok, [f"{i}+{2 * i}=" for i in range(n)], 4, 1.0, n)
     with torch.no_grad():
-        logp_old = ppo.forward(policy, ids, attn, n_prompt, 1.0)[0]
+        logp_old = ppo.token_logprobs(policy, ids, attn, prompt_width, 1.0)[0]
     noise = lambda: torch.randn(mask.shape, dtype=torch.float64)
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, values_old=noise(), advantages=noise())
-    return batch | {"returns": noise()}, n_prompt
+    return batch | {"returns": noise()}, prompt_width
 
 
-def update_params(policy, minibatches, n_prompt, **flags):
+def update_params(policy, minibatches, prompt_width, **flags):
     """The parameters of a copy of policy + a fresh value head after one update_minibatch per minibatch."""
     head = torch.nn.Linear(policy.config.hidden_size, 1).double()
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
@@ -258,7 +258,7 @@ def update_params(policy, minibatches, n_prompt, **flags):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     args = ppo.Args(temperature=1.0, **flags)
     for minibatch in minibatches:
-        ppo.update_minibatch(model.train(), optimizer, minibatch, n_prompt, args)
+        ppo.update_minibatch(model.train(), optimizer, minibatch, prompt_width, args)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -267,23 +267,23 @@ def test_micro_batching_leaves_the_same_parameters(gpt2_64):
     the same parameters to 1e-10 in float64. Each micro-batch adds its token sum divided by the
     minibatch's token count, so accumulation equals one pass over the minibatch."""
     policy, tok = gpt2_64
-    batch, n_prompt = random_minibatch(policy, tok, 16)
+    batch, prompt_width = random_minibatch(policy, tok, 16)
     minibatches = [{k: v[i : i + 8] for k, v in batch.items()} for i in (0, 8)]
-    whole = update_params(policy, minibatches, n_prompt, micro_batch_size=8)
+    whole = update_params(policy, minibatches, prompt_width, micro_batch_size=8)
     for size in (1, 3):
-        assert_close(update_params(policy, minibatches, n_prompt, micro_batch_size=size), whole, rtol=0, atol=1e-10)
-    assert (whole - update_params(policy, [], n_prompt)).abs().max() > 1e-4  # the steps did move the parameters
+        assert_close(update_params(policy, minibatches, prompt_width, micro_batch_size=size), whole, rtol=0, atol=1e-10)
+    assert (whole - update_params(policy, [], prompt_width)).abs().max() > 1e-4  # the steps did move the parameters
 
 
 @given(tensors(len(prefixes())))
 def test_values_are_read_at_the_state_before_each_token(table):
     """V(s_t) sits where the log-prob of a_t sits: with a one-hot hidden state, a linear value head is a
-    table V[s], and forward's value at response position t is V[y_<t], the state a_t was chosen in."""
-    policy, (ids, attn, n_prompt, _) = TabularPolicy(), response_batch(RESPONSES)
+    table V[s], and PolicyAndCritic's value at response position t is V[y_<t], the state a_t was chosen in."""
+    policy, (ids, attn, prompt_width, _) = TabularPolicy(), response_batch(RESPONSES)
     head = torch.nn.Linear(len(prefixes()), 1).double()
     with torch.no_grad():
         head.weight.copy_(table[None]), head.bias.zero_()
-        values = ppo.forward(policy, ids, attn, n_prompt, 1.0, value_head=head)[2]
+        values = ppo.PolicyAndCritic(policy, head)(ids, attn, prompt_width, 1.0)[2]
     for i, y in enumerate(RESPONSES):
         assert values[i, : len(y)].tolist() == [table[policy.index[y[:t]]].item() for t in range(len(y))]
 
@@ -374,9 +374,9 @@ def test_the_critic_regresses_on_returns_taken_before_whitening_and_the_learning
     batches, seen, gae, rollout, update = [], [], ppo.gae, ppo.rollout, ppo.update_minibatch
 
     def collect(*args):
-        batch, n_prompt = rollout(*args)
+        batch, prompt_width = rollout(*args)
         batches.append({"ids": batch["ids"]})
-        return batch, n_prompt
+        return batch, prompt_width
 
     def advantages_and_returns(rewards, values, mask, *args):
         batches[-1].update(zip(("advantages", "returns"), gae(rewards, values, mask, *args)), mask=mask)
@@ -430,6 +430,11 @@ def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(t
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --clip-range must be > 0"]
 
 
-def test_a_diverging_run_stops_naming_the_iteration(monkeypatch, tmp_path):
-    message = ppo_exit_message(monkeypatch, tmp_path, "--learning-rate", "1e30")
-    assert message.startswith("error: non-finite") and "iteration 1;" in message
+def test_a_diverging_run_stops_naming_the_iteration_and_the_last_save(monkeypatch, tmp_path, capsys):
+    """The non-finite gradient's FloatingPointError leaves the loop; one_line_errors says where it stopped."""
+    monkeypatch.setattr(sys, "argv", ["ppo.py", *SMALL, "--learning-rate", "1e30", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited, ppo.one_line_errors():
+        ppo.main()
+    lines = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 1 and len(lines) == 1
+    assert lines[0] == f"error: non-finite gradient at iteration 1; the last save is in {tmp_path}"

@@ -37,8 +37,8 @@ def rewards_of(n: int):
 
 def sequence_logprobs(policy: TabularPolicy) -> torch.Tensor:
     """log π_θ(y) of every response, through the script's own token_logprobs."""
-    ids, attn, n_prompt, mask = response_batch(RESPONSES)
-    logp, _ = R.token_logprobs(policy, ids, attn, n_prompt, temperature=1.0)
+    ids, attn, prompt_width, mask = response_batch(RESPONSES)
+    logp, _ = R.token_logprobs(policy, ids, attn, prompt_width, temperature=1.0)
     return torch.where(mask, logp, 0.0).sum(1)
 
 
@@ -46,8 +46,8 @@ def expected_surrogate_gradient(policy: TabularPolicy, advantages: torch.Tensor)
     """Exact E_y~π[∇ loss(y)]: the script's loss is a batch mean, so weighting response y by N·π(y)
     turns that mean into the expectation over every response."""
     policy.zero_grad()
-    ids, attn, n_prompt, mask = response_batch(RESPONSES)
-    logp, _ = R.token_logprobs(policy, ids, attn, n_prompt, temperature=1.0)
+    ids, attn, prompt_width, mask = response_batch(RESPONSES)
+    logp, _ = R.token_logprobs(policy, ids, attn, prompt_width, temperature=1.0)
     weights = len(RESPONSES) * sequence_logprobs(policy).exp().detach()
     R.reinforce_loss(logp, mask, weights * advantages).backward()
     return policy.theta.grad.clone()

@@ -33,12 +33,12 @@ from tiny import (
 SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
 SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy", "positions", "autocast", "inverse_cdf",
           "sample_token", "sample", "Decoder", "default_generator", "capture", "prompt_ids", "conversations", "decode",
-          "head_dtype", "product", "lm_head_logits", "LMHeadLogProbs", "response_logprobs",
-          "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats", "parse_args", "cli_error",
-          "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
-SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
-SHARED_WITHOUT = ["token_logprobs", "PolicyLogProbs"]  # reinforce.py and grpo.py
-SHARED_LORA = ["Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
+          "head_dtype", "product", "lm_head_logits", "LMHeadLogProbs", "response_logprobs", "token_logprobs",
+          "response_states", "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats",
+          "parse_args", "cli_error", "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
+SHARED_WITH_A_CRITIC = ["token_rewards", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
+SHARED_WITHOUT = ["PolicyLogProbs"]  # reinforce.py and grpo.py
+SHARED_LORA = ["kl_penalty", "Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
 CONSTANTS = ["EVAL_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
@@ -108,16 +108,19 @@ def test_every_script_samples_and_scores_tokens_identically(scripts, policy):
     outputs = []
     for module in scripts:
         torch.manual_seed(0)
-        ids, attn, n_prompt, mask, finished = module.sample(model, tok, prompts, 6, 1.5, batch_size=7)
-        outputs.append((ids, attn, n_prompt, mask, finished, module.decode(tok, ids[:, n_prompt:], mask, finished)))
+        ids, attn, prompt_width, mask, finished = module.sample(model, tok, prompts, 6, 1.5, batch_size=7)
+        outputs.append(
+            (ids, attn, prompt_width, mask, finished, module.decode(tok, ids[:, prompt_width:], mask, finished))
+        )
     for other in outputs[1:]:
         assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(outputs[0], other))
-    ids, attn, n_prompt = outputs[0][:3]
+    ids, attn, prompt_width = outputs[0][:3]
     with torch.no_grad():
-        expected = scripts[0].token_logprobs(model, ids, attn, n_prompt, 1.5, entropy=True)
+        expected = scripts[0].token_logprobs(model, ids, attn, prompt_width, 1.5, entropy=True)
         for module in scripts:
-            score = module.forward if hasattr(module, "forward") else module.token_logprobs
-            assert all(map(torch.equal, score(model, ids, attn, n_prompt, 1.5, entropy=True)[:2], expected))
+            assert all(
+                map(torch.equal, module.token_logprobs(model, ids, attn, prompt_width, 1.5, entropy=True), expected)
+            )
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +141,9 @@ def test_a_response_ends_at_its_first_stop_token_whichever_of_several_it_is(two_
     stops = {tok.eos_token_id, *extra}
     assert set(model.generation_config.eos_token_id) == stops
     torch.manual_seed(0)
-    ids, attn, n_prompt, mask, finished = ppo.sample(model, tok, ["1+2=", "40+55="] * 64, 6, 2.0, batch_size=50)
-    response, ended_on = ids[:, n_prompt:].tolist(), set()
-    for row, m, f, text in zip(response, mask.tolist(), finished.tolist(), ppo.decode(tok, ids[:, n_prompt:], mask,
+    ids, attn, prompt_width, mask, finished = ppo.sample(model, tok, ["1+2=", "40+55="] * 64, 6, 2.0, batch_size=50)
+    response, ended_on = ids[:, prompt_width:].tolist(), set()
+    for row, m, f, text in zip(response, mask.tolist(), finished.tolist(), ppo.decode(tok, ids[:, prompt_width:], mask,
                                                                                           finished)):  # fmt: skip
         first = next((i for i, t in enumerate(row) if t in stops), None)
         n = first + 1 if first is not None else len(row)
@@ -148,7 +151,7 @@ def test_a_response_ends_at_its_first_stop_token_whichever_of_several_it_is(two_
         assert text == tok.decode(row[: n - f])
         ended_on |= {row[first]} if f else set()
     assert extra[0] in ended_on and extra[1] in ended_on and not finished.all()  # every case happened
-    assert torch.equal(attn[:, n_prompt:], mask.long())  # the attention mask training will use
+    assert torch.equal(attn[:, prompt_width:], mask.long())  # the attention mask training will use
 
 
 def recording_logits(module, monkeypatch) -> list:
@@ -175,11 +178,11 @@ def test_the_sampler_gives_each_token_the_log_probability_that_forward_gives_it(
     recording, temperature = recording_logits(ppo, monkeypatch), 0.7
     torch.manual_seed(0)
     prompts = ["1+2=", "40+55=", "7+61=", "99+99="] * 4
-    ids, attn, n_prompt, mask, _ = ppo.sample(model, tok, prompts, 5, temperature, batch_size=16)
+    ids, attn, prompt_width, mask, _ = ppo.sample(model, tok, prompts, 5, temperature, batch_size=16)
     steps = torch.stack(recording, 1)  # [B, T, V]
-    drawn = (steps / temperature).log_softmax(-1).gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
+    drawn = (steps / temperature).log_softmax(-1).gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
     with torch.no_grad():
-        logp = ppo.forward(model, ids, attn, n_prompt, temperature)[0]
+        logp = ppo.token_logprobs(model, ids, attn, prompt_width, temperature)[0]
     assert mask[:, 1:].any()  # some responses are longer than one token
     torch.testing.assert_close(logp[mask], drawn[mask], rtol=0, atol=2e-5)
 
@@ -236,22 +239,22 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, l
     entropies, to 1e-10 in float64, for left-padded prompts and responses of several lengths with junk
     after their end. With an embedding table longer than the tokenizer (11 rows, 8 tokens), the softmax is
     over the 8 ids that are tokens: the 3 others, never sampled, have no probability in training either."""
-    batch, width, n_prompt = 3, 4, 4
+    batch, width, prompt_width = 3, 4, 4
     gpt2_64.token_id_limit = limit  # the tokenizer's ids, as load_policy sets it
-    prompt_lengths = data.draw(st.lists(st.integers(1, n_prompt), min_size=batch, max_size=batch))
+    prompt_lengths = data.draw(st.lists(st.integers(1, prompt_width), min_size=batch, max_size=batch))
     lengths = data.draw(st.lists(st.integers(1, width), min_size=batch, max_size=batch))
     ids = torch.tensor(data.draw(st.lists(st.integers(2, limit - 1), min_size=batch * 8, max_size=batch * 8)))
     ids = ids.view(batch, 8)
-    attn = torch.tensor([[0] * (n_prompt - p) + [1] * p + [1] * n + [0] * (width - n)
+    attn = torch.tensor([[0] * (prompt_width - p) + [1] * p + [1] * n + [0] * (width - n)
                          for p, n in zip(prompt_lengths, lengths)])  # fmt: skip
-    mask = attn[:, n_prompt:].bool()
+    mask = attn[:, prompt_width:].bool()
     weights = torch.tensor(data.draw(st.lists(st.floats(-1, 1), min_size=batch * width, max_size=batch * width)))
     weights = weights.view(batch, width).double()
 
     def plain():
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1, :limit]
-        return (logits / temperature).log_softmax(-1).gather(-1, ids[:, n_prompt:, None]).squeeze(-1)
+        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, prompt_width - 1 : -1, :limit]
+        return (logits / temperature).log_softmax(-1).gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
 
     def with_gradient(logp_of):
         gpt2_64.zero_grad()
@@ -262,21 +265,22 @@ def test_lean_log_probs_and_their_gradients_equal_a_plain_log_softmax(gpt2_64, l
     expected, expected_grads = with_gradient(plain)
     with torch.no_grad():
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, n_prompt - 1 : -1, :limit]
+        logits = gpt2_64(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, prompt_width - 1 : -1, :limit]
         logp_all = (logits / temperature).log_softmax(-1)
         plain_entropy = -(logp_all.exp() * logp_all).sum(-1)  # H(π(· | s_t)) = −Σ_a π(a|s_t)·log π(a|s_t)
     for module in scripts:
         chunk, module.LOGITS_PER_CHUNK = module.LOGITS_PER_CHUNK, columns * batch * width  # several chunks
-        score = module.forward if hasattr(module, "forward") else module.token_logprobs
         try:
-            logp, grads = with_gradient(lambda f=score: f(gpt2_64, ids, attn, n_prompt, temperature)[0])
+            logp, grads = with_gradient(
+                lambda f=module.token_logprobs: f(gpt2_64, ids, attn, prompt_width, temperature)[0]
+            )
         finally:
             module.LOGITS_PER_CHUNK = chunk
         torch.testing.assert_close(logp, expected, rtol=0, atol=1e-10)
         for g, e in zip(grads, expected_grads):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
         with torch.no_grad():
-            entropy = score(gpt2_64, ids, attn, n_prompt, temperature, entropy=True)[1]
+            entropy = module.token_logprobs(gpt2_64, ids, attn, prompt_width, temperature, entropy=True)[1]
         torch.testing.assert_close(entropy[mask], plain_entropy[mask], rtol=0, atol=1e-10)
 
 
@@ -406,23 +410,25 @@ def test_the_first_minibatch_ratio_is_exactly_1_when_rounding_depends_on_the_bat
     assert min(row["response_length"] for row in rows) < 5  # responses of unequal length, some padding
 
 
+@pytest.mark.parametrize("name", ["actor_critic", "ppo", "grpo"])
+def test_the_learning_rate_falls_linearly_to_lr_over_n_at_the_last_update(name, tmp_path, monkeypatch):
+    """Update i of N (iteration i ≥ 1) steps at lr·(1 − (i − 1)/N), every minibatch of it alike."""
+    module, rates, step = importlib.import_module(name), [], torch.optim.Adam.step
+    record = lambda self, *args, **kwargs: rates.append(self.param_groups[0]["lr"]) or step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    flags = ["--total-episodes", "48", "--learning-rate", "0.003", "--eval-every", "100000"]
+    run_main(module, *TINY[name], *flags, "--output-dir", str(tmp_path))
+    per_update = len(rates) // 3
+    assert rates == [pytest.approx(0.003 * k / 3, rel=1e-12) for k in (3, 2, 1) for _ in range(per_update)]
+
+
 # ---- Gradient checkpointing and resume, each script run in this process ----
 TINY = {
     "reinforce": ("--num-prompts", "4", "--samples-per-prompt", "4", "--micro-batch-size", "8"),
     "actor_critic": ("--num-prompts", "16", "--micro-batch-size", "8"),
     "ppo": ("--num-prompts", "16", "--num-minibatches", "2", "--ppo-epochs", "2", "--micro-batch-size", "4"),
-    "grpo": (
-        "--num-prompts",
-        "4",
-        "--group-size",
-        "4",
-        "--num-minibatches",
-        "2",
-        "--ppo-epochs",
-        "2",
-        "--micro-batch-size",
-        "4",
-    ),  # fmt: skip
+    "grpo": ("--num-prompts", "4", "--group-size", "4", "--num-minibatches", "2", "--ppo-epochs", "2")
+    + ("--micro-batch-size", "4"),
 }
 UPDATE = {"reinforce": "update", "actor_critic": "update", "ppo": "update_minibatch", "grpo": "update_minibatch"}
 

@@ -31,11 +31,11 @@ SMALL_RUN = {
 }
 
 
-def assert_rendered_by_the_chat_template(tok, ids: torch.Tensor, attn: torch.Tensor, n_prompt: int) -> None:
-    """Each row's prompt (its real tokens before column n_prompt) is a conversation as CHAT_TEMPLATE renders it
+def assert_rendered_by_the_chat_template(tok, ids: torch.Tensor, attn: torch.Tensor, prompt_width: int) -> None:
+    """Each row's prompt (its real tokens before column prompt_width) is a conversation as CHAT_TEMPLATE renders it
     with the generation prompt: one BOS, the user's marker, ..., the assistant's marker."""
     head, tail = tok.convert_tokens_to_ids(["<bos>", "<|user|>"]), tok.convert_tokens_to_ids("<|assistant|>")
-    for row, keep in zip(ids[:, :n_prompt], attn[:, :n_prompt].bool()):
+    for row, keep in zip(ids[:, :prompt_width], attn[:, :prompt_width].bool()):
         prompt = row[keep].tolist()
         assert prompt[:2] == head and prompt[-1] == tail and prompt.count(tok.bos_token_id) == 1, tok.decode(prompt)
 
