@@ -47,7 +47,7 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[tor
     prompts = [f"{i}+{7 * i}=" for i in range(RESPONSES)]
     ids, attn, prompt_width, mask, _ = ppo.sample(policy, tok, prompts, 4, 1.0, RESPONSES)
     with torch.no_grad():
-        logp_old, entropy, _ = ppo.token_logprobs(policy, ids, attn, prompt_width, 1.0, entropy=True)
+        logp_old, entropy = ppo.token_logprobs(policy, ids, attn, prompt_width, 1.0, entropy=True)
     noise = lambda *shape: torch.randn(shape or mask.shape, dtype=torch.float64)
     scores = noise(RESPONSES) + 1  # far from whitened already
     batch = dict(ids=ids, attn=attn, mask=mask, logp_old=logp_old, logp_ref=logp_old + 0.1 * noise(), entropy=entropy,

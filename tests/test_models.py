@@ -10,7 +10,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, Llama4ForCausalLM, Llama4TextConfig
 
-from tiny import CHECKPOINT, SMALL_RUN, assert_rendered_by_the_chat_template, run_main, score_alone, tiny_model
+from tiny import (
+    CHECKPOINT,
+    SMALL_RUN,
+    assert_rendered_by_the_chat_template,
+    error_line,
+    run_main,
+    score_alone,
+    tiny_model,
+)
 
 SCRIPTS = ["reinforce", "actor_critic", "ppo", "grpo"]
 LOADING = [*SCRIPTS, "reward_model"]  # every script that loads a policy
@@ -92,7 +100,9 @@ def test_sampling_from_nan_logits_raises_floating_point_error(module, greedy):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_a_policy_whose_logits_go_nan_stops_naming_the_iteration_and_keeps_the_last_save(name, tmp_path, monkeypatch):
+def test_a_policy_whose_logits_go_nan_stops_naming_the_iteration_and_keeps_the_last_save(
+    name, tmp_path, monkeypatch, capsys
+):
     """Adam's first step writes NaN into the weights; iteration 2 samples from them and stops with one error line
     naming it, and the save of iteration 0 stays as it was: finite weights that from_pretrained loads."""
     module = importlib.import_module(name)
@@ -107,10 +117,8 @@ def test_a_policy_whose_logits_go_nan_stops_naming_the_iteration_and_keeps_the_l
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
     flags = [*SMALL_RUN[name], "--max-new-tokens", "3", "--total-episodes", "80", "--eval-every", "100000"]
-    with pytest.raises(SystemExit) as exited:
-        run_main(module, *flags, "--output-dir", str(tmp_path))
-    message = exited.value.code
-    assert message.startswith("error: the policy's logits are NaN or inf at iteration 2;") and "\n" not in message
+    message = error_line(module, capsys, lambda: run_main(module, *flags, "--output-dir", str(tmp_path)))
+    assert message == f"error: the policy's logits are NaN or inf at iteration 2; the last save is in {tmp_path}"
     saved = module.load_policy(str(tmp_path / "model"), CPU)[0]
     assert all(torch.isfinite(p).all() for p in saved.parameters())
     assert [json.loads(line)["iteration"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]

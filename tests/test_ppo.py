@@ -22,6 +22,7 @@ from tiny import (
     TabularPolicy,
     all_responses,
     assert_one_error_line_before_any_work,
+    error_line,
     exit_message,
     prefixes,
     response_batch,
@@ -433,8 +434,5 @@ def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(t
 def test_a_diverging_run_stops_naming_the_iteration_and_the_last_save(monkeypatch, tmp_path, capsys):
     """The non-finite gradient's FloatingPointError leaves the loop; one_line_errors says where it stopped."""
     monkeypatch.setattr(sys, "argv", ["ppo.py", *SMALL, "--learning-rate", "1e30", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit) as exited, ppo.one_line_errors():
-        ppo.main()
-    lines = capsys.readouterr().err.splitlines()
-    assert exited.value.code == 1 and len(lines) == 1
-    assert lines[0] == f"error: non-finite gradient at iteration 1; the last save is in {tmp_path}"
+    message = error_line(ppo, capsys, ppo.main)
+    assert message == f"error: non-finite gradient at iteration 1; the last save is in {tmp_path}"

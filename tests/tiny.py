@@ -258,6 +258,16 @@ def exit_message(monkeypatch, main, argv: list[str]) -> str:
     return exited.value.code
 
 
+def error_line(module, capsys, run) -> str:
+    """The line a script prints on stderr when run() ends in an error: its one_line_errors (what `python
+    script.py` runs main() under) turns a sys.exit or a FloatingPointError into one line and exit status 1."""
+    with pytest.raises(SystemExit) as exited, module.one_line_errors():
+        run()
+    lines = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 1 and len(lines) == 1, lines
+    return lines[0]
+
+
 def assert_one_error_line_before_any_work(message, names: str, capsys, out_dir: Path) -> None:
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message and names in message
     assert capsys.readouterr().err == "" and not out_dir.exists()
