@@ -24,6 +24,10 @@ The file, in reading order: Args; the task (`reward` and the prompts: the block 
 own task); actor-critic's pieces (token_rewards, actor_loss, critic_loss, update); main() with the loop;
 then, below the banners, the language-model machinery and the plumbing, the same in every script.
 Self-contained on purpose: copy this file and gae.py into your project.
+
+Needs Python >= 3.11, torch >= 2.6 and transformers >= 5 (4.x lacks the `dtype=` and `cache=` the code passes;
+the script stops at start, saying so), and tyro. Tested with requirements.txt's pins: torch 2.13, transformers 5.24.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import contextlib

@@ -27,6 +27,10 @@ The file, in reading order: Args; the task (`reward` and the prompts: the block 
 own task); PPO's pieces (token_rewards, policy_loss, value_loss, whiten, the KL); main() with the loop;
 then, below the banners, the language-model machinery and the plumbing, copied from reinforce.py.
 Self-contained on purpose: copy this file and gae.py into your project.
+
+Needs Python >= 3.11, torch >= 2.6 and transformers >= 5 (4.x lacks the `dtype=` and `cache=` the code passes;
+the script stops at start, saying so), and tyro. Tested with requirements.txt's pins: torch 2.13, transformers 5.24.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import contextlib

@@ -32,6 +32,10 @@ same thing for every reward model.
 The file, in reading order: Args; the task (the block to replace, the same as in the RL scripts); the reward
 model's pieces (preference, flip_labels, bradley_terry_loss, pairwise, calibrate); main(); then, below the
 banners, the language-model machinery (copied from ppo.py) and the plumbing.
+
+Needs Python >= 3.11, torch >= 2.6 and transformers >= 5 (4.x lacks the `dtype=` and `cache=` the code passes;
+the script stops at start, saying so), and tyro. Tested with requirements.txt's pins: torch 2.13, transformers 5.24.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import contextlib

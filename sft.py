@@ -13,6 +13,10 @@ benchmarks/NOTEBOOK.md: on the natural mix RL stalls near 0.8, on the formats th
 
 The result is an ordinary Hugging Face folder: AutoModelForCausalLM.from_pretrained(dir) and
 AutoTokenizer.from_pretrained(dir) load it like any hub model, offline.
+
+Needs Python >= 3.11, torch >= 2.6 and transformers >= 5 (the RL scripts that load its checkpoint need 5; the
+script stops at start, saying so), and tyro. Tested with requirements.txt's pins: torch 2.13, transformers 5.24.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import random
