@@ -103,6 +103,7 @@ class Args:
 
 
 # ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
+# The rest of the file reads three names from it, and no other: reward, train_prompts and eval_prompts.
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""
@@ -600,14 +601,18 @@ def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float,
     return logp, h if entropy else None
 
 
+EVAL_SAMPLING_SEED = 1234  # the machinery's, not the task's: a task block replaced whole leaves it in place
+
+
 @torch.no_grad()
 def evaluate(policy, tok, args) -> dict:
-    """Greedy exact-match accuracy and mean sampled reward on the task's evaluation prompts; and on the
-    console, what the model writes for the first few (prompt | greedy completion | score). The sampled half
-    draws from its own fixed generator, so evaluating leaves training unchanged."""
+    """On the task's evaluation prompts, `reward`'s mean over greedy responses, eval_accuracy (for a 0/1 reward,
+    such as addition's exact match, the share right), and over responses sampled at the training temperature,
+    eval_reward_sampled; and on the console, what the model writes for the first few (prompt | greedy completion
+    | score). The sampled half draws from its own fixed generator, so evaluating leaves training unchanged."""
     prompts, result = eval_prompts(), {}
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
-        gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
+        gen = torch.Generator(policy.device).manual_seed(EVAL_SAMPLING_SEED)
         size = args.inference_batch_size
         ids, _, n_prompt, mask, finished = sample(policy, tok, conversations(prompts, args.chat), args.max_new_tokens,
                                                   args.temperature, size, greedy, gen, args.cuda_graphs)  # fmt: skip

@@ -111,6 +111,7 @@ class Args:
 
 
 # ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
+# The rest of the file reads three names from it, and no other: reward, train_prompts and eval_prompts.
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""

@@ -39,7 +39,7 @@ SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy",
 SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
 SHARED_WITHOUT = ["token_logprobs", "PolicyLogProbs"]  # reinforce.py and grpo.py
 SHARED_LORA = ["Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
-CONSTANTS = ["EVAL_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
+CONSTANTS = ["EVAL_SAMPLING_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
 @pytest.fixture(scope="module")
