@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -42,6 +43,7 @@ from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
+import transformers
 import tyro
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StaticCache
@@ -55,7 +57,7 @@ hf_logging.disable_progress_bar()  # loading and saving bars would drown the tra
 class Args:
     # ---- The run ----
     model: str = str(HERE / "checkpoints" / "sft-addition")
-    """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
+    """starting policy: a local folder or a Hugging Face hub name"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
     total_episodes: int = 76_800
@@ -63,7 +65,7 @@ class Args:
     eval_every: int = 12_800
     """episodes between evaluations and saves (one also runs before the first update and after the last)"""
     output_dir: str | None = None
-    """where metrics.jsonl, args.json and model/ go (default: runs/reinforce-<seed>-<time>)"""
+    """where metrics.jsonl, args.json and model/ go (None: runs/reinforce-<seed>-<time>)"""
     resume: str | None = None
     """continue the run saved in this folder, with its own arguments (give no other flag)"""
     overwrite: bool = False
@@ -700,12 +702,23 @@ def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     ]
 
 
+def check_versions() -> None:
+    """Python, torch and transformers new enough for this file, or one error line before any work: under
+    transformers 4.x, the names of 5 that these scripts pass (`dtype=`, `cache=`) would fail only mid-run."""
+    found = {"Python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__}
+    found["transformers"] = transformers.__version__
+    for name, least in (("Python", (3, 11)), ("torch", (2, 6)), ("transformers", (5, 0))):
+        if tuple(map(int, re.match(r"(\d+)\.(\d+)", found[name]).groups())) < least:
+            sys.exit(f"error: {Path(__file__).name} needs {name} >= {least[0]}.{least[1]}; this is {found[name]}")
+
+
 def parse_args() -> Args:
     """The command line, checked: bad input ends the run here with one line on stderr."""
+    check_versions()
     argv = sys.argv[1:]
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
-            args = tyro.cli(Args, args=argv)
+            args = tyro.cli(Args, args=argv, description=" ".join(__doc__.split("\n\n")[0].split()))
     except SystemExit as e:
         if e.code == 0:
             raise  # --help, printed on stdout

@@ -20,6 +20,7 @@ MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this rep
 """
 
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 import tyro
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -119,6 +121,7 @@ def greedy_accuracy(model, tok, pairs, max_new_tokens: int = 4) -> float:
 
 
 def main(args: Args) -> None:
+    check_versions()
     if (
         not (0 < args.target_accuracy <= 1 and 0 < args.short_operand_share < 1)
         or min(args.max_steps, args.batch_size) < 1
@@ -176,5 +179,15 @@ def main(args: Args) -> None:
     )
 
 
+def check_versions() -> None:
+    """Python, torch and transformers new enough for this file, or one error line before any work: under
+    transformers 4.x, the names of 5 that these scripts pass (`dtype=`, `cache=`) would fail only mid-run."""
+    found = {"Python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__}
+    found["transformers"] = transformers.__version__
+    for name, least in (("Python", (3, 11)), ("torch", (2, 6)), ("transformers", (5, 0))):
+        if tuple(map(int, re.match(r"(\d+)\.(\d+)", found[name]).groups())) < least:
+            sys.exit(f"error: {Path(__file__).name} needs {name} >= {least[0]}.{least[1]}; this is {found[name]}")
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=" ".join(__doc__.split("\n\n")[0].split())))
