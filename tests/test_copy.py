@@ -94,7 +94,7 @@ def run_in_process(name: str, argv: list[str], monkeypatch):
 
 # A budget small enough that a script whose check were missing would end quickly, and the test fail.
 TINY = {
-    **SMALL_RUN,
+    **{name: [*flags, "--total-episodes", "8", "--eval-every", "8"] for name, flags in SMALL_RUN.items()},
     "sft": ["--max-steps", "1"],
     "reward_model": ["--num-pairs", "16", "--eval-pairs", "8", "--epochs", "1", "--calibration-samples", "8"],
 }
