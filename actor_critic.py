@@ -630,15 +630,17 @@ def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float,
     return logp, h if entropy else None
 
 
-EVAL_SAMPLING_SEED = 1234  # the machinery's, not the task's: a task block replaced whole leaves it in place
+# Fixed forever and independent of --seed, so runs sample the same evaluation; the machinery's own, not the task's,
+# so that replacing the task block cannot take it away.
+EVAL_SAMPLING_SEED = 1234
 
 
 @torch.no_grad()
 def evaluate(policy, tok, args) -> dict:
-    """On the task's evaluation prompts, `reward`'s mean over greedy responses, eval_accuracy (for a 0/1 reward,
-    such as addition's exact match, the share right), and over responses sampled at the training temperature,
-    eval_reward_sampled; and on the console, what the model writes for the first few (prompt | greedy completion
-    | score). The sampled half draws from its own fixed generator, so evaluating leaves training unchanged."""
+    """On the task's evaluation prompts: eval_accuracy, the mean `reward` of greedy responses (for a 0/1 reward,
+    such as addition's exact match, the share right), and eval_reward_sampled, its mean over responses sampled at
+    the training temperature; on the console, what the model writes for the first few (prompt | greedy
+    completion | score). The sampled half draws from its own fixed generator: evaluating leaves training as is."""
     prompts, result = eval_prompts(), {}
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
         gen = torch.Generator(policy.device).manual_seed(EVAL_SAMPLING_SEED)
