@@ -12,6 +12,9 @@ of TD errors (eq. 16), which runs backwards as a recursion:
 training scripts use, computes the same sums in log2(T) whole-batch steps
 instead of T small ones, which matters for long responses (docs/actor_critic.md
 has the timing).
+
+Needs only torch.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import torch

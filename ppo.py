@@ -27,6 +27,10 @@ The file, in reading order: Args; the task (`reward` and the prompts: the block 
 own task); PPO's pieces (token_rewards, policy_loss, value_loss, whiten, the KL); main() with the loop;
 then, below the banners, the language-model machinery and the plumbing, copied from reinforce.py.
 Self-contained on purpose: copy this file and gae.py into your project.
+
+Needs Python >= 3.11, torch >= 2.6 and transformers >= 5 (4.x lacks the `dtype=` and `cache=` the code passes;
+the script stops at start, saying so), and tyro. Tested with requirements.txt's pins: torch 2.13, transformers 5.24.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import contextlib
@@ -37,6 +41,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -46,6 +51,7 @@ from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
+import transformers
 import tyro
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (
@@ -68,7 +74,7 @@ hf_logging.disable_progress_bar()  # loading and saving bars would drown the tra
 class Args:
     # ---- The run ----
     model: str = str(HERE / "checkpoints" / "sft-addition")
-    """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
+    """starting policy: a local folder or a Hugging Face hub name"""
     seed: int = 1
     """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
     total_episodes: int = 102_400
@@ -76,7 +82,7 @@ class Args:
     eval_every: int = 6_400
     """episodes between evaluations and saves (one also runs before the first update and after the last)"""
     output_dir: str | None = None
-    """where metrics.jsonl, args.json and model/ go (default: runs/ppo-<seed>-<time>)"""
+    """where metrics.jsonl, args.json and model/ go (None: runs/ppo-<seed>-<time>)"""
     resume: str | None = None
     """continue the run saved in this folder, with its own arguments (give no other flag)"""
     overwrite: bool = False
@@ -145,6 +151,7 @@ class Args:
 
 
 # ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
+# The rest of the file reads three names from it, and no other: reward, train_prompts and eval_prompts.
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""
@@ -832,14 +839,20 @@ def response_logprobs(lm_head, hidden, tokens: torch.Tensor, temperature: float,
     return logp, h if entropy else None
 
 
+# Fixed forever and independent of --seed, so runs sample the same evaluation; the machinery's own, not the task's,
+# so that replacing the task block cannot take it away.
+EVAL_SAMPLING_SEED = 1234
+
+
 @torch.no_grad()
 def evaluate(policy, tok, args) -> dict:
-    """Greedy exact-match accuracy and mean sampled reward on the task's evaluation prompts; and on the
-    console, what the model writes for the first few (prompt | greedy completion | score). The sampled half
-    draws from its own fixed generator, so evaluating leaves training unchanged."""
+    """On the task's evaluation prompts: eval_accuracy, the mean `reward` of greedy responses (for a 0/1 reward,
+    such as addition's exact match, the share right), and eval_reward_sampled, its mean over responses sampled at
+    the training temperature; on the console, what the model writes for the first few (prompt | greedy
+    completion | score). The sampled half draws from its own fixed generator: evaluating leaves training as is."""
     prompts, result = eval_prompts(), {}
     for key, greedy in (("eval_accuracy", True), ("eval_reward_sampled", False)):
-        gen = torch.Generator(policy.device).manual_seed(EVAL_SEED)
+        gen = torch.Generator(policy.device).manual_seed(EVAL_SAMPLING_SEED)
         size = args.inference_batch_size
         model_prompts = conversations(prompts, args.chat)
         ids, _, prompt_width, mask, finished = sample(policy, tok, model_prompts, args.max_new_tokens, args.temperature,
@@ -1001,12 +1014,23 @@ def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     ]
 
 
+def check_versions() -> None:
+    """Python, torch and transformers new enough for this file, or one error line before any work: under
+    transformers 4.x, the names of 5 that these scripts pass (`dtype=`, `cache=`) would fail only mid-run."""
+    found = {"Python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__}
+    found["transformers"] = transformers.__version__
+    for name, least in (("Python", (3, 11)), ("torch", (2, 6)), ("transformers", (5, 0))):
+        if tuple(map(int, re.match(r"(\d+)\.(\d+)", found[name]).groups())) < least:
+            sys.exit(f"error: {Path(__file__).name} needs {name} >= {least[0]}.{least[1]}; this is {found[name]}")
+
+
 def parse_args() -> Args:
     """The command line, checked: bad input ends the run here with one line on stderr."""
+    check_versions()
     argv = sys.argv[1:]
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
-            args = tyro.cli(Args, args=argv)
+            args = tyro.cli(Args, args=argv, description=" ".join(__doc__.split("\n\n")[0].split()))
     except SystemExit as e:
         if e.code == 0:
             raise  # --help, printed on stdout

@@ -32,6 +32,10 @@ same thing for every reward model.
 The file, in reading order: Args; the task (the block to replace, the same as in the RL scripts); the reward
 model's pieces (preference, flip_labels, bradley_terry_loss, pairwise, calibrate); main(); then, below the
 banners, the language-model machinery (copied from ppo.py) and the plumbing.
+
+Needs Python >= 3.11, torch >= 2.6 and transformers >= 5 (4.x lacks the `dtype=` and `cache=` the code passes;
+the script stops at start, saying so), and tyro. Tested with requirements.txt's pins: torch 2.13, transformers 5.24.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import contextlib
@@ -40,6 +44,7 @@ import io
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import time
@@ -49,6 +54,7 @@ from typing import Literal, NamedTuple, get_args, get_origin
 
 import torch
 import torch.nn.functional as F
+import transformers
 import tyro
 from transformers import (
     AutoConfig,
@@ -67,7 +73,7 @@ MAX_SAMPLED_PER_PAIR = 50  # give up when fewer than 1 sampled pair in 50 has a 
 @dataclass
 class Args:
     model: str = str(HERE / "checkpoints" / "sft-addition")
-    """starting policy: a local folder or a Hugging Face hub name (default: the embedded SFT checkpoint)"""
+    """starting policy: a local folder or a Hugging Face hub name"""
     seed: int = 1
     """seed for the prompts, the sampling, the label noise, the new score head and the minibatch order"""
     num_pairs: int = 4096
@@ -97,9 +103,9 @@ class Args:
     calibration_samples: int = 2048
     """fresh samples of the starting policy whose mean score becomes config.reward_offset"""
     calibration_temperature: float = 0.5
-    """their sampling temperature: the --temperature PPO will sample at (ppo.py's default is 0.5)"""
+    """their sampling temperature: the --temperature that PPO will sample at, ppo.py's unless you change it"""
     output_dir: str | None = None
-    """where the reward model, tokenizer, args.json and metrics.json go (default: runs/reward_model-<seed>-<time>)"""
+    """where the reward model, tokenizer, args.json and metrics.json go (None: runs/reward_model-<seed>-<time>)"""
     overwrite: bool = False
     """replace the reward model in --output-dir, if one is there (else the run refuses to start)"""
     device: str = "auto"
@@ -107,6 +113,7 @@ class Args:
 
 
 # ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
+# The rest of the file reads three names from it, and no other: reward, train_prompts and eval_prompts.
 def reward(prompt: str, completion: str, finished: bool) -> float:
     """1.0 when the completion, as sampled up to its stop token, is exactly the sum; else 0.0.
     `finished` is False when the response was cut off before a stop token."""
@@ -610,12 +617,23 @@ def reward_model_scores(model, ids: torch.Tensor, attn: torch.Tensor, batch_size
 
 
 # ==== Below: the plumbing. Command line and saving. ====
+def check_versions() -> None:
+    """Python, torch and transformers new enough for this file, or one error line before any work: under
+    transformers 4.x, the names of 5 that these scripts pass (`dtype=`, `cache=`) would fail only mid-run."""
+    found = {"Python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__}
+    found["transformers"] = transformers.__version__
+    for name, least in (("Python", (3, 11)), ("torch", (2, 6)), ("transformers", (5, 0))):
+        if tuple(map(int, re.match(r"(\d+)\.(\d+)", found[name]).groups())) < least:
+            sys.exit(f"error: {Path(__file__).name} needs {name} >= {least[0]}.{least[1]}; this is {found[name]}")
+
+
 def parse_args() -> Args:
     """The command line, checked: bad input ends the run here with one line on stderr."""
+    check_versions()
     argv = sys.argv[1:]
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # tyro's own message: a box drawn for a terminal
-            args = tyro.cli(Args, args=argv)
+            args = tyro.cli(Args, args=argv, description=" ".join(__doc__.split("\n\n")[0].split()))
     except SystemExit as e:
         if e.code == 0:
             raise  # --help, printed on stdout

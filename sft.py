@@ -13,9 +13,14 @@ benchmarks/NOTEBOOK.md: on the natural mix RL stalls near 0.8, on the formats th
 
 The result is an ordinary Hugging Face folder: AutoModelForCausalLM.from_pretrained(dir) and
 AutoTokenizer.from_pretrained(dir) load it like any hub model, offline.
+
+Needs Python >= 3.11, torch >= 2.6 and transformers >= 5 (the RL scripts that load its checkpoint need 5; the
+script stops at start, saying so), and tyro. Tested with requirements.txt's pins: torch 2.13, transformers 5.24.
+MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this repository: copy it, with this notice.
 """
 
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 import tyro
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -115,6 +121,7 @@ def greedy_accuracy(model, tok, pairs, max_new_tokens: int = 4) -> float:
 
 
 def main(args: Args) -> None:
+    check_versions()
     if (
         not (0 < args.target_accuracy <= 1 and 0 < args.short_operand_share < 1)
         or min(args.max_steps, args.batch_size) < 1
@@ -172,5 +179,15 @@ def main(args: Args) -> None:
     )
 
 
+def check_versions() -> None:
+    """Python, torch and transformers new enough for this file, or one error line before any work: under
+    transformers 4.x, the names of 5 that these scripts pass (`dtype=`, `cache=`) would fail only mid-run."""
+    found = {"Python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__}
+    found["transformers"] = transformers.__version__
+    for name, least in (("Python", (3, 11)), ("torch", (2, 6)), ("transformers", (5, 0))):
+        if tuple(map(int, re.match(r"(\d+)\.(\d+)", found[name]).groups())) < least:
+            sys.exit(f"error: {Path(__file__).name} needs {name} >= {least[0]}.{least[1]}; this is {found[name]}")
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=" ".join(__doc__.split("\n\n")[0].split())))

@@ -170,7 +170,7 @@ def test_after_calibration_the_samples_score_mean_zero_and_standard_deviation_on
 COPIED = ["reward_model_scores", "reward", "prompt_of", "train_prompts", "eval_prompts", "cli_error", "load_policy",
           "positions", "autocast", "inverse_cdf", "sample_token", "sample", "Decoder", "default_generator", "capture",
           "prompt_ids", "conversations", "decode", "head_dtype", "product", "lm_head_logits",
-          "one_line_errors"]  # fmt: skip
+          "one_line_errors", "check_versions"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", COPIED)

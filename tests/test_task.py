@@ -35,11 +35,12 @@ SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy",
           "sample_token", "sample", "Decoder", "default_generator", "capture", "prompt_ids", "conversations", "decode",
           "head_dtype", "product", "lm_head_logits", "LMHeadLogProbs", "response_logprobs", "token_logprobs",
           "response_states", "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats",
-          "parse_args", "cli_error", "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
+          "parse_args", "cli_error", "start", "data_parallel", "Run", "save", "one_line_errors",
+          "check_versions"]  # fmt: skip
 SHARED_WITH_A_CRITIC = ["token_rewards", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
 SHARED_WITHOUT = ["PolicyLogProbs"]  # reinforce.py and grpo.py
 SHARED_LORA = ["kl_penalty", "Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
-CONSTANTS = ["EVAL_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
+CONSTANTS = ["EVAL_SAMPLING_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
 @pytest.fixture(scope="module")
