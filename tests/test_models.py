@@ -1,6 +1,6 @@
 """The models a user points the scripts at: vocabularies longer than the tokenizer, logits that go non-finite,
 bf16 checkpoints, models that are not causal LMs or keep their body elsewhere, chat templates. Each fix is
-checked in every script's copy of the machinery (the copies are also checked identical in test_task.py)."""
+checked in every script's copy of the machinery (the copies are also checked identical in test_shared.py)."""
 
 import importlib
 import json
@@ -259,6 +259,7 @@ def test_chat_needs_a_chat_template():
     assert exited.value.code == f"error: --chat: the tokenizer of {CHECKPOINT} has no chat template"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_trains_on_chat_prompts_sampled_from_the_template(chat_model, name, tmp_path, monkeypatch):
     """With --chat, every sampled sequence starts with the template: one BOS, the user's message, the
@@ -277,6 +278,7 @@ def test_every_script_trains_on_chat_prompts_sampled_from_the_template(chat_mode
     assert rewarded and all(isinstance(p, str) and p.endswith("=") for p in rewarded)
 
 
+@pytest.mark.slow
 def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, tmp_path, monkeypatch):
     """reward_model.py --chat trains on the sampled ids of the rendered conversations, and ppo.py --chat
     --reward-model scores exactly the ids it sampled: the template's tokens, one BOS, then the response."""
@@ -303,6 +305,7 @@ def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, t
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_batch_whose_scores_are_all_equal_is_said_once(name, tmp_path, capsys):
     """One new token: every response is cut off and scores 0, so no batch teaches anything; the console says
