@@ -108,6 +108,7 @@ def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*")} == written
 
 
+@pytest.mark.slow
 def test_critic_ceiling_is_one_for_a_deterministic_policy():
     """At a temperature near 0 every rollout from a prefix ends as the sampled response did, so the
     true V(s_t) is the return itself and explains all of its variance."""
@@ -152,6 +153,7 @@ def test_scale_tiny_reports_every_phase_throughput_and_memory_of_the_model_it_wa
     assert stops == [tok.eos_token_id, *tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])] == [1, 62, 63]
 
 
+@pytest.mark.slow
 def test_scale_tokenizer_covers_qwens_vocabulary_and_encodes_prompts_as_the_embedded_one(tmp_path):
     """Checked as ppo.py loads it: AutoTokenizer gives any qwen2 folder a Qwen2Tokenizer, whatever class was saved."""
     from transformers import AutoTokenizer

@@ -171,6 +171,7 @@ def test_a_bf16_reward_model_is_not_rounded_near_a_large_offset(tmp_path):
 
 
 # ---- Models that are not what the scripts can train ----
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_a_bert_is_refused_as_not_a_causal_language_model(tmp_path, name):
     """AutoModelForCausalLM loads a BERT (as BertLMHeadModel); its first position sees the next token, so it
@@ -197,6 +198,7 @@ def test_a_bert_is_refused_as_not_a_causal_language_model(tmp_path, name):
     assert [record.getMessage() for record in said if record.levelno >= logging.WARNING] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_a_model_whose_body_is_not_its_base_model_is_refused_in_one_line(tmp_path, name):
     """transformers' Llama4ForCausalLM keeps its body in .model while .base_model is the whole model, so the
@@ -212,6 +214,7 @@ def test_a_model_whose_body_is_not_its_base_model_is_refused_in_one_line(tmp_pat
     assert exited.value.code == f"error: {tmp_path}: Llama4ForCausalLM has no base_model to read the hidden states from"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_the_logits_probe_applies_the_head_to_the_hidden_states_the_model_applied_it_to(tmp_path, name, monkeypatch):
     """The probe that refuses models transforming their logits compares like for like: the LM head on the same
@@ -231,6 +234,7 @@ def chat_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("chat"), "llama", pad_token=False, chat=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_a_conversation_is_rendered_by_the_chat_template_with_one_bos(chat_model, name):
     """A conversation becomes the template's ids with the generation prompt, tokenized once: one BOS. Text

@@ -573,6 +573,7 @@ def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted
 
 
 # ---- Evaluation: one rule, one meaning of eval_accuracy ----
+@pytest.mark.slow
 def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, policy):
     """An oracle that answers every pair right scores 1.0; one whose answer is wrong where a + b is even,
     and is `4 <pad> 6` for one pair whose sum is 46, scores the share of odd sums among the 500 pairs, in
@@ -706,10 +707,8 @@ def test_the_process_group_is_destroyed_only_after_mains_module_is_released(name
     with module.process_group():
         main()
     assert events == ["main returns", "module released", "barrier", "group destroyed"]
-    tree = ast.parse(inspect.getsource(module))
-    destroyers = [f.name for f in tree.body if isinstance(f, ast.FunctionDef | ast.ClassDef)
-                  if "destroy_process_group" in ast.unparse(f)]  # fmt: skip
-    assert destroyers == ["process_group"]
+    destroy = "dist.destroy_process_group("  # called once in the script, by process_group alone
+    assert inspect.getsource(module).count(destroy) == 1 and destroy in inspect.getsource(module.process_group)
 
 
 def test_help_lists_every_flag_with_its_docstring(scripts, monkeypatch, capsys):
@@ -731,12 +730,14 @@ def field_docstrings(cls) -> dict[str, str]:
 
 
 # ---- The starting policy ----
+@pytest.mark.slow
 def test_committed_checkpoint_is_half_trained(policy):
     """Greedy accuracy in [0.30, 0.60]: good enough to be rewarded sometimes, with room to improve."""
     model, tok = policy
     assert 0.30 <= sft.greedy_accuracy(model, tok, sft.EVAL_PAIRS) <= 0.60
 
 
+@pytest.mark.slow
 def test_checkpoint_is_about_as_good_on_prompts_with_a_one_digit_operand(policy):
     """RL sharpens what the start can sometimes do: a policy that had barely learned one-digit
     operands (0.18 of them against 0.56 of the others, on the natural mix) capped RL near 0.8."""
