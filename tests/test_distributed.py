@@ -3,7 +3,6 @@ with 2 CPU processes (gloo) against 1, for PPO's update and its logged statistic
 aggregations; then every script end to end under torchrun."""
 
 import copy
-import gc
 import os
 import subprocess
 import sys
@@ -21,16 +20,6 @@ from gae import gae
 from tiny import ROOT, tiny_model
 
 EPOCHS, MINIBATCHES, RESPONSES = 2, 2, 16
-
-
-def end_process_group() -> None:
-    """Destroy the process group once the caller has let go of its DistributedDataParallel module. Otherwise
-    the test can hang: the module's reducer holds the group's last reference and frees it holding the GIL,
-    and the group's destructor joins a gloo thread that waits for the GIL to free a finished all-reduce's
-    tensors (it hung so here once; pytorch/pytorch#56297). The barrier lets such a thread finish first."""
-    gc.collect()  # the module, should a reference cycle keep it alive
-    dist.barrier()  # waiting releases the GIL
-    dist.destroy_process_group()
 
 
 def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[torch.Tensor, dict]:
@@ -79,15 +68,14 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[tor
             )
     row = ppo.batch_stats(batch, rewards, returns) | ppo.update_stats(steps)
     row["beta"] = ppo.adaptive_kl_coef(0.1, row["kl"], 0.01, RESPONSES, 100)
-    parameters = torch.cat([p.detach().flatten() for p in agent.parameters()])
-    if store is not None:
-        del learner  # before the group: see end_process_group
-        end_process_group()
-    return parameters, row
+    return torch.cat([p.detach().flatten() for p in agent.parameters()]), row
 
 
 def ppo_update_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
-    parameters, row = ppo_update(path, rank, world, store)
+    # As the scripts end: the group is destroyed once ppo_update has returned and its DistributedDataParallel
+    # module is gone (destroyed while the module lived, it hung here once: pytorch/pytorch#56297).
+    with ppo.process_group():
+        parameters, row = ppo_update(path, rank, world, store)
     if rank == 0:
         torch.save((parameters, row), out)
 
@@ -133,14 +121,12 @@ def grpo_updates(path: str, rank: int, world: int, store: str | None) -> dict:
             share = slice(half.start + rank * 8 // world, half.start + (rank + 1) * 8 // world)
             grpo.update_minibatch(learner, optimizer, {k: v[share] for k, v in batch.items()}, n_prompt, args, 0.1)
         parameters[mode] = torch.cat([p.detach().flatten() for p in agent.parameters()])
-    if store is not None:
-        del learner  # before the group: see end_process_group
-        end_process_group()
     return parameters
 
 
 def grpo_updates_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
-    parameters = grpo_updates(path, rank, world, store)
+    with grpo.process_group():  # as ppo_update_in_process
+        parameters = grpo_updates(path, rank, world, store)
     if rank == 0:
         torch.save(parameters, out)
 
