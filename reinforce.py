@@ -28,6 +28,7 @@ MIT licence (the text is in LICENSE), Copyright (c) 2026 the authors of this rep
 import contextlib
 import dataclasses
 import datetime
+import gc
 import io
 import json
 import math
@@ -59,7 +60,8 @@ class Args:
     model: str = str(HERE / "checkpoints" / "sft-addition")
     """starting policy: a local folder or a Hugging Face hub name"""
     seed: int = 1
-    """seed for the prompts, the sampling and everything else random (process k of torchrun adds k)"""
+    """seed for the prompts, the sampling and everything else random, in [0, 2**32) (torchrun's process k draws
+    from its own stream: see stream_seed)"""
     total_episodes: int = 76_800
     """sampled responses to train on"""
     eval_every: int = 12_800
@@ -278,7 +280,7 @@ def batch_stats(batch: dict, rewards: torch.Tensor, baseline: torch.Tensor, batc
 
 # ==== Below: the machinery a reader may skip. ============================================================
 # The language model: loading, sampling, log-probs and evaluation, and the statistics over processes: the
-# same code in reinforce.py, actor_critic.py, ppo.py and grpo.py (tests/test_task.py checks that it is).
+# same code in reinforce.py, actor_critic.py, ppo.py and grpo.py (tests/test_shared.py checks that it is).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
     """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
     Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the
@@ -758,6 +760,7 @@ def parse_args() -> Args:
     held = [name for name in ("metrics.jsonl", "model", "model.old") if out and (out / name).exists()]
     held = [name for name in held if (out / name).stat().st_size and not args.resume]
     problems = check_args(args, world) + [
+        (not 0 <= args.seed < 2**32, "--seed must be in [0, 2**32): each process draws from its own stream"),
         (
             args.device not in ("auto", "cpu") and not args.device.startswith("cuda"),
             "--device must be auto, cpu or cuda",
@@ -811,7 +814,7 @@ def cli_error(argv: list[str]) -> str:
 
 def start(args) -> torch.device:
     """This process's device, and under torchrun its process group: NCCL with one GPU per process, or gloo on
-    a CPU. Seeds torch's generator, which draws the responses, with seed + rank: each process samples its own."""
+    a CPU. Seeds torch's generator, which draws the responses, with stream_seed: each process samples its own."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
     device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
@@ -823,8 +826,15 @@ def start(args) -> torch.device:
         # longer than NCCL's default timeout of 10 minutes.
         backend, device_id = ("nccl", device) if cuda else ("gloo", None)
         dist.init_process_group(backend, device_id=device_id, timeout=datetime.timedelta(hours=2))
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(stream_seed(args.seed, rank))
     return device
+
+
+def stream_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank`'s generators: the seed itself for process 0, so that one process draws what it
+    always drew, and seed + rank·2³² for the others, which no other (seed, rank) gives while --seed is below 2³²
+    (seed + rank made process 1 of seed 1 draw what process 0 of seed 2 draws). Below 2⁶⁴, as torch needs."""
+    return seed + rank * 2**32
 
 
 def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
@@ -836,7 +846,7 @@ def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
 class Run:
     """The run's folder, which process 0 alone writes: args.json, metrics.jsonl (a row per iteration) and
     model/, saved with what --resume needs in model/training_state.pt. Also `rng`, the generator of the
-    prompts (seed + rank), which a save keeps with torch's."""
+    prompts (stream_seed), which a save keeps with torch's."""
 
     active = None  # the run of this process, once made
 
@@ -845,7 +855,7 @@ class Run:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.dir = Path(args.output_dir or f"runs/{name}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.rng = random.Random(args.seed + self.rank)
+        self.rng = random.Random(stream_seed(args.seed, self.rank))
         self.last_save = str(self.dir / "model") if args.resume else None  # the policy to continue from
         self.first_iteration, self.seconds, self.stateful = 0, 0.0, {}
         self.iteration, Run.active = None, self  # what one_line_errors reports of a non-finite number
@@ -965,8 +975,6 @@ class Run:
                 f"{last['seconds']:.0f}s, {last['episodes'] / max(last['seconds'], 1e-9):.0f} episodes/s; "
                 f"model saved to {self.dir / 'model'}"
             )
-        if self.world > 1:
-            dist.destroy_process_group()
 
 
 def save(policy, tok, path: Path, state: dict) -> None:
@@ -1004,6 +1012,32 @@ def one_line_errors():
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def process_group():
+    """Under torchrun, the end of the processes. When main() returns, the DistributedDataParallel module, one of
+    its locals, is gone with it; once a garbage collection has freed it from any reference cycle, the processes
+    meet at a barrier and the group is destroyed. Destroyed while the module lived, the module's reducer held the
+    gloo group's last reference and could hang the group's destructor (pytorch/pytorch#56297). A process that
+    fails does not wait for the others: it writes its error and exits at once, skipping every clean-up that
+    might wait on a collective; that closes its connections, so the collective each other process waits in
+    fails within seconds, not at the 2-hour timeout, and those processes exit without an error line of their
+    own. Only gloo reports a closed peer so: under NCCL, torchrun stops the others when the first one exits."""
+    try:
+        yield
+    except (Exception, SystemExit) as e:
+        if not dist.is_initialized():
+            raise
+        peer = isinstance(e, RuntimeError) and any(s in str(e) for s in ("by peer", "Broken pipe"))
+        if not peer and not isinstance(e, SystemExit):  # one_line_errors has written a SystemExit's line
+            sys.excepthook(type(e), e, e.__traceback__)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit((e.code or 0) if isinstance(e, SystemExit) and not isinstance(e.code, str) else 1)
+    if dist.is_initialized():
+        gc.collect()  # the module, should a reference cycle keep it alive
+        dist.barrier()  # waiting releases the GIL, which a gloo thread may need to finish its work
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    with one_line_errors():
+    with process_group(), one_line_errors():
         main()

@@ -300,7 +300,7 @@ def main() -> None:
 
 # ==== Below: the machinery a reader may skip. ============================================================
 # The language model: loading and sampling, the same code in reinforce.py, actor_critic.py, ppo.py and grpo.py
-# (tests/test_task.py checks it); the reward model's scores, the same code in ppo.py (tests/test_reward_model.py).
+# (tests/test_shared.py checks it); the reward model's scores, the same code in ppo.py (tests/test_reward_model.py).
 def load_policy(name: str, device: torch.device, dtype: torch.dtype = torch.float32, chat: bool = False):
     """Any causal LM and its tokenizer, its weights in `dtype` whatever dtype the checkpoint was saved in.
     Dropout is switched off in the config, so training mode (which gradient checkpointing needs) computes the

@@ -278,6 +278,7 @@ def test_micro_batching_leaves_the_same_parameters(tmp_path):
 
 
 # ---- End to end ----
+@pytest.mark.slow
 def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     _, rows = run_script("actor_critic.py", "--total-episodes", "2560", out_dir=tmp_path)
     first, last = rows[0], rows[-1]
@@ -286,6 +287,7 @@ def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "args.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, flags", [
     ("llama", ("--kl-coef", "0.1", "--micro-batch-size", "8")),  # no pad token; a reference model
     ("neox", ("--critic", "separate")),
@@ -299,6 +301,7 @@ def test_runs_on_other_causal_lms(tmp_path, arch, flags):
     assert all(v is None or math.isfinite(v) for r in rows for v in r.values())
 
 
+@pytest.mark.slow
 def test_a_copy_alone_with_gae_py_reproduces_the_original_row_for_row(tmp_path):
     """Same seed and flags: a copy in an empty folder writes the original's metrics, apart from seconds."""
     for name in ("actor_critic.py", "gae.py"):

@@ -77,6 +77,7 @@ def test_table_has_one_row_per_algorithm_with_final_accuracy_speed_and_peak_memo
     assert cells["ppo"] == ["1", "512 ep · 5 s", "512 ep · 5 s", "—", "0.800", "100", "?"]
 
 
+@pytest.mark.slow
 def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     proc, _ = run_script("benchmarks/compare.py", "--quick", "--runs-dir", str(runs), "--out-dir", str(out))
@@ -107,6 +108,7 @@ def test_quick_run_tabulates_and_plots_every_algorithm(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*")} == written
 
 
+@pytest.mark.slow
 def test_critic_ceiling_is_one_for_a_deterministic_policy():
     """At a temperature near 0 every rollout from a prefix ends as the sampled response did, so the
     true V(s_t) is the return itself and explains all of its variance."""
@@ -124,6 +126,7 @@ def qwen2_parameters(c) -> int:
     return c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * layer + h
 
 
+@pytest.mark.slow
 def test_scale_tiny_reports_every_phase_throughput_and_memory_of_the_model_it_was_asked_for(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -150,6 +153,7 @@ def test_scale_tiny_reports_every_phase_throughput_and_memory_of_the_model_it_wa
     assert stops == [tok.eos_token_id, *tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])] == [1, 62, 63]
 
 
+@pytest.mark.slow
 def test_scale_tokenizer_covers_qwens_vocabulary_and_encodes_prompts_as_the_embedded_one(tmp_path):
     """Checked as ppo.py loads it: AutoTokenizer gives any qwen2 folder a Qwen2Tokenizer, whatever class was saved."""
     from transformers import AutoTokenizer
@@ -201,6 +205,7 @@ def test_overoptimization_table_reads_the_end_as_the_last_8_iterations_and_names
     assert "| β = 0 | 0.300 → 0.600 (500) → 0.500 | +5.50 | 0.550 | 5.50 (2.35) | 9 s |" in text.splitlines()
 
 
+@pytest.mark.slow
 def test_overoptimization_quick_tabulates_and_plots_the_three_kl_settings(tmp_path):
     """A reward model, then a PPO run per KL setting against it: one table row each, with the values of
     the run's own metrics.jsonl, and the reward model's held-out accuracy."""

@@ -3,7 +3,6 @@ with 2 CPU processes (gloo) against 1, for PPO's update and its logged statistic
 aggregations; then every script end to end under torchrun."""
 
 import copy
-import gc
 import os
 import subprocess
 import sys
@@ -21,16 +20,6 @@ from gae import gae
 from tiny import ROOT, tiny_model
 
 EPOCHS, MINIBATCHES, RESPONSES = 2, 2, 16
-
-
-def end_process_group() -> None:
-    """Destroy the process group once the caller has let go of its DistributedDataParallel module. Otherwise
-    the test can hang: the module's reducer holds the group's last reference and frees it holding the GIL,
-    and the group's destructor joins a gloo thread that waits for the GIL to free a finished all-reduce's
-    tensors (it hung so here once; pytorch/pytorch#56297). The barrier lets such a thread finish first."""
-    gc.collect()  # the module, should a reference cycle keep it alive
-    dist.barrier()  # waiting releases the GIL
-    dist.destroy_process_group()
 
 
 def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[torch.Tensor, dict]:
@@ -80,15 +69,14 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[tor
             )
     row = ppo.batch_stats(batch, rewards, returns) | ppo.update_stats(steps)
     row["beta"] = ppo.adaptive_kl_coef(0.1, row["kl"], 0.01, RESPONSES, 100)
-    parameters = torch.cat([p.detach().flatten() for p in agent.parameters()])
-    if store is not None:
-        del learner  # before the group: see end_process_group
-        end_process_group()
-    return parameters, row
+    return torch.cat([p.detach().flatten() for p in agent.parameters()]), row
 
 
 def ppo_update_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
-    parameters, row = ppo_update(path, rank, world, store)
+    # As the scripts end: the group is destroyed once ppo_update has returned and its DistributedDataParallel
+    # module is gone (destroyed while the module lived, it hung here once: pytorch/pytorch#56297).
+    with ppo.process_group():
+        parameters, row = ppo_update(path, rank, world, store)
     if rank == 0:
         torch.save((parameters, row), out)
 
@@ -134,18 +122,17 @@ def grpo_updates(path: str, rank: int, world: int, store: str | None) -> dict:
             share = slice(half.start + rank * 8 // world, half.start + (rank + 1) * 8 // world)
             grpo.update_minibatch(learner, optimizer, {k: v[share] for k, v in batch.items()}, prompt_width, args, 0.1)
         parameters[mode] = torch.cat([p.detach().flatten() for p in agent.parameters()])
-    if store is not None:
-        del learner  # before the group: see end_process_group
-        end_process_group()
     return parameters
 
 
 def grpo_updates_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
-    parameters = grpo_updates(path, rank, world, store)
+    with grpo.process_group():  # as ppo_update_in_process
+        parameters = grpo_updates(path, rank, world, store)
     if rank == 0:
         torch.save(parameters, out)
 
 
+@pytest.mark.slow
 def test_grpos_loss_aggregations_do_not_change_with_the_number_of_processes(tmp_path):
     """Each of the three loss aggregations of grpo.py (over the minibatch's tokens, per response then over
     responses, by a constant) leaves the same parameters, to 1e-10 in float64, whether 1 process or 2 gloo
@@ -181,6 +168,7 @@ SMALL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", SMALL)
 def test_torchrun_with_two_processes_writes_one_run(variant, tmp_path):
     """Exit 0; rank 0 alone writes one metrics.jsonl with one row per iteration (the global batch of 16
@@ -200,6 +188,7 @@ def test_torchrun_with_two_processes_writes_one_run(variant, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "model")
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_split_over_the_processes_is_one_error_line_from_each(tmp_path):
     """Each process checks its arguments before any work and exits with the same one line, whole whatever
     order the two finish in (each writes it at once: test_runs.py); no traceback of the script's own
@@ -208,3 +197,26 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_error_line_from_e
     message = "error: --num-prompts 12 must split into --num-minibatches 4 over 2 processes"
     assert proc.returncode != 0 and [line for line in proc.stderr.splitlines() if "error:" in line] == [message] * 2
     assert 'ppo.py", line' not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exception", ["FloatingPointError", "RuntimeError"])
+def test_a_process_that_fails_ends_the_run_within_seconds_with_one_error(exception, tmp_path):
+    """Process 1 raises as iteration 1 begins, while process 0 goes on to its next collective. Process 1 writes
+    its error (one line for a non-finite number, a traceback for anything else) and exits at once; process 0's
+    collective fails on the closed connection and it exits without a word of its own: the run ends, non-zero,
+    in the seconds it takes to start, not at the process group's 2-hour timeout."""
+    import time
+
+    flags = [*SMALL["reinforce"], "--max-new-tokens", "4", "--total-episodes", "48", "--output-dir", str(tmp_path)]
+    began = time.monotonic()
+    proc = torchrun("tests/failing_process.py", "reinforce", "1", exception, *flags)
+    assert proc.returncode != 0 and time.monotonic() - began < 60
+    assert "[rank0]" not in proc.stderr and "Connection closed" not in proc.stderr  # process 0 says nothing
+    errors = [line for line in proc.stderr.splitlines() if "rror: planted" in line]  # error: or RuntimeError:
+    if exception == "FloatingPointError":  # the loop's own line, naming the iteration
+        assert errors == [f"error: planted in process 1 at iteration 1; the last save is in {tmp_path}"]
+    else:  # a bug: its traceback, once
+        assert (
+            errors == ["[rank1]: RuntimeError: planted in process 1"] and proc.stderr.count("[rank1]: Traceback") == 1
+        )

@@ -1039,6 +1039,7 @@ def dropout_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_the_first_minibatchs_ratio_is_one_before_the_first_step(tmp_path, dropout_checkpoint):
     """π_θ/π_old = 1 within 1e-6 in float32 before the first step of every iteration (the sampler's forward,
     mask, positions and temperature, no dropout), and the later steps do move it; the KL in the loss is logged."""
@@ -1049,6 +1050,7 @@ def test_the_first_minibatchs_ratio_is_one_before_the_first_step(tmp_path, dropo
         assert row["first_minibatch_ratio_error"] <= 1e-6 and row["ratio_max"] > 1 + 1e-4 and row["kl_loss"] >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kl_coef, loads", [("0", 1), ("0.1", 2)])
 def test_a_reference_policy_is_loaded_only_when_beta_is_positive(tmp_path, monkeypatch, kl_coef, loads):
     calls, load = [], grpo.load_policy
@@ -1167,6 +1169,7 @@ def test_joined_rollouts_score_the_same_log_probs_as_apart(gpt2_64):
         rows += B
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_trains_each_iteration_on_groups_whose_scores_differ(tmp_path, monkeypatch):
     """End to end with --max-sampling-rounds 3: each iteration's batch holds --num-prompts groups whose scores
     differ, unless 3 rounds were sampled (then it was topped up); the row's sampling_rounds and equal_score_groups
@@ -1182,6 +1185,7 @@ def test_dynamic_sampling_trains_each_iteration_on_groups_whose_scores_differ(tm
         assert row["equal_score_groups"] == pytest.approx((~grpo.scores_differ(sampled)).double().mean().item())
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_metrics_and_a_copy_alone_runs(tmp_path):
     """Row for row apart from `seconds`, the second run from a copy of grpo.py alone in another folder, with
     the paper's choices and the KL in the loss."""
@@ -1193,6 +1197,7 @@ def test_same_seed_gives_the_same_metrics_and_a_copy_alone_runs(tmp_path):
     assert without_seconds(runs[0]) == without_seconds(runs[1]) and len(runs[0]) == 3
 
 
+@pytest.mark.slow
 def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     _, rows = run_script("grpo.py", "--total-episodes", "2048", "--eval-every", "2048", out_dir=tmp_path)
     assert rows[-1]["episodes"] == 2048 and rows[-1]["eval_accuracy"] >= rows[0]["eval_accuracy"] + 0.1

@@ -21,7 +21,7 @@ def lora_args(rank: int = 2) -> SimpleNamespace:
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def base(request, tmp_path_factory):
     """A tiny float64 model (GPT-2's Conv1D, or Llama's nn.Linear), a batch of left-padded prompts with responses
-    of unequal length, and the module whose LoRA is tested (the same code in both scripts: test_task.py)."""
+    of unequal length, and the module whose LoRA is tested (the same code in both scripts: test_shared.py)."""
     path = tiny_model(tmp_path_factory.mktemp(request.param), request.param, dtype=torch.float64)
     import ppo
 
@@ -100,6 +100,7 @@ def test_the_saved_model_loads_with_from_pretrained_to_the_lora_policys_log_prob
     torch.testing.assert_close(logp(module, saved, base), logp(module, policy, base), rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_a_lora_run_starts_with_the_ratio_at_1_and_no_kl_to_pi_ref(name, tmp_path):
     """π_ref is π_θ with its adapters off, and the adapters start at 0: iteration 0's KL is exactly 0 (a separately

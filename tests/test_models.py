@@ -1,6 +1,6 @@
 """The models a user points the scripts at: vocabularies longer than the tokenizer, logits that go non-finite,
 bf16 checkpoints, models that are not causal LMs or keep their body elsewhere, chat templates. Each fix is
-checked in every script's copy of the machinery (the copies are also checked identical in test_task.py)."""
+checked in every script's copy of the machinery (the copies are also checked identical in test_shared.py)."""
 
 import importlib
 import json
@@ -179,6 +179,7 @@ def test_a_bf16_reward_model_is_not_rounded_near_a_large_offset(tmp_path):
 
 
 # ---- Models that are not what the scripts can train ----
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_a_bert_is_refused_as_not_a_causal_language_model(tmp_path, name):
     """AutoModelForCausalLM loads a BERT (as BertLMHeadModel); its first position sees the next token, so it
@@ -205,6 +206,7 @@ def test_a_bert_is_refused_as_not_a_causal_language_model(tmp_path, name):
     assert [record.getMessage() for record in said if record.levelno >= logging.WARNING] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_a_model_whose_body_is_not_its_base_model_is_refused_in_one_line(tmp_path, name):
     """transformers' Llama4ForCausalLM keeps its body in .model while .base_model is the whole model, so the
@@ -220,6 +222,7 @@ def test_a_model_whose_body_is_not_its_base_model_is_refused_in_one_line(tmp_pat
     assert exited.value.code == f"error: {tmp_path}: Llama4ForCausalLM has no base_model to read the hidden states from"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_the_logits_probe_applies_the_head_to_the_hidden_states_the_model_applied_it_to(tmp_path, name, monkeypatch):
     """The probe that refuses models transforming their logits compares like for like: the LM head on the same
@@ -239,6 +242,7 @@ def chat_model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("chat"), "llama", pad_token=False, chat=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOADING)
 def test_a_conversation_is_rendered_by_the_chat_template_with_one_bos(chat_model, name):
     """A conversation becomes the template's ids with the generation prompt, tokenized once: one BOS. Text
@@ -267,6 +271,7 @@ def test_chat_needs_a_chat_template():
     assert exited.value.code == f"error: --chat: the tokenizer of {CHECKPOINT} has no chat template"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_trains_on_chat_prompts_sampled_from_the_template(chat_model, name, tmp_path, monkeypatch):
     """With --chat, every sampled sequence starts with the template: one BOS, the user's message, the
@@ -285,6 +290,7 @@ def test_every_script_trains_on_chat_prompts_sampled_from_the_template(chat_mode
     assert rewarded and all(isinstance(p, str) and p.endswith("=") for p in rewarded)
 
 
+@pytest.mark.slow
 def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, tmp_path, monkeypatch):
     """reward_model.py --chat trains on the sampled ids of the rendered conversations, and ppo.py --chat
     --reward-model scores exactly the ids it sampled: the template's tokens, one BOS, then the response."""
@@ -311,6 +317,7 @@ def test_a_reward_model_reads_the_conversation_the_policy_answered(chat_model, t
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_batch_whose_scores_are_all_equal_is_said_once(name, tmp_path, capsys):
     """One new token: every response is cut off and scores 0, so no batch teaches anything; the console says

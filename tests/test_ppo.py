@@ -316,12 +316,13 @@ def test_first_minibatch_ratio_is_one_on_tiny_architectures(tmp_path, dropout_mo
     mask, positions, temperature, no dropout), and the later steps do move it. A random model
     rarely emits EOS, so --missing-eos-penalty gives its responses different scores."""
     flags = "--temperature 0.7 --learning-rate 1e-3 --kl-coef 0.1 --missing-eos-penalty 1".split()
-    _, rows = run_script("ppo.py", "--model", str(dropout_models[arch]), *SMALL, *flags, out_dir=tmp_path)
+    rows = run_main(ppo, "--model", str(dropout_models[arch]), *SMALL, *flags, "--output-dir", str(tmp_path))
     for row in training_rows(rows):
         assert row["first_minibatch_ratio_error"] <= 1e-6 and row["ratio_max"] > 1 + 1e-4
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "args.json").exists()
 
 
+@pytest.mark.slow
 def test_the_reward_model_scores_each_response_as_it_scores_it_alone(tmp_path, monkeypatch):
     """Every batch the reward model scores in a run (the sampled ids: prompt and response up to and including
     its stop token) gets, sequence by sequence, the score the reward model gives those ids alone; the logged
@@ -342,6 +343,7 @@ def test_the_reward_model_scores_each_response_as_it_scores_it_alone(tmp_path, m
         assert 0 <= row["gold_mean"] <= 1 and row["gold_mean"] * 16 % 1 == 0
 
 
+@pytest.mark.slow
 def test_runs_copied_alone_with_gae(tmp_path):
     for name in ("ppo.py", "gae.py"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -351,6 +353,7 @@ def test_runs_copied_alone_with_gae(tmp_path):
     training_rows(rows)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_metrics(tmp_path):
     """Row for row apart from `seconds`, with a separate critic and an adaptive β that does move. Row 0's
     critic explains exactly none of the return's variance: the value head starts at 0, not at random values."""
@@ -361,6 +364,7 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
     assert runs[0][0]["explained_variance"] == 0.0
 
 
+@pytest.mark.slow
 def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     _, rows = run_script("ppo.py", "--total-episodes", "2048", "--eval-every", "2048", out_dir=tmp_path)
     assert rows[-1]["episodes"] == 2048 and rows[-1]["eval_accuracy"] >= rows[0]["eval_accuracy"] + 0.15
@@ -405,6 +409,45 @@ def test_the_critic_regresses_on_returns_taken_before_whitening_and_the_learning
         assert torch.equal((batch["advantages"][rows] + minibatch["values_old"])[valid], minibatch["returns"][valid])
 
 
+def test_each_epoch_takes_every_response_of_the_one_batch_once_in_minibatches_shuffled_anew(tmp_path, monkeypatch):
+    """Several epochs on one batch: an update is --ppo-epochs passes over the batch collected once, each pass
+    --num-minibatches steps on disjoint minibatches that together hold every response exactly once, in an order
+    drawn anew each epoch; every step reads the batch's own π_old, V_old, A and R (nothing is collected or
+    recomputed between epochs)."""
+    batches, steps, rollout, update = [], [], ppo.rollout, ppo.update_minibatch
+
+    def collect(*args):
+        batch, prompt_width = rollout(*args)
+        batches.append(batch | {"row": torch.arange(len(batch["ids"]))})  # a label that travels with each response
+        return batches[-1], prompt_width
+
+    def step(learner, optimizer, minibatch, *args):
+        steps.append((len(batches) - 1, minibatch))
+        return update(learner, optimizer, minibatch, *args)
+
+    monkeypatch.setattr(ppo, "rollout", collect)
+    monkeypatch.setattr(ppo, "update_minibatch", step)
+    run_main(ppo, *SMALL, "--kl-coef", "0.1", "--output-dir", str(tmp_path))  # 16 responses, 2 epochs x 2 minibatches
+    assert [i for i, _ in steps] == [1] * 4 + [2] * 4
+    for i in (1, 2):
+        batch, minibatches = batches[i], [m for j, m in steps if j == i]
+        orders = [torch.cat([m["row"] for m in minibatches[e * 2 : e * 2 + 2]]) for e in range(2)]
+        for order in orders:
+            assert [len(m["row"]) for m in minibatches] == [8] * 4 and sorted(order.tolist()) == list(range(16))
+        assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], torch.arange(16))
+        for minibatch in minibatches:
+            for key in ("ids", "mask", "logp_old", "values_old", "advantages", "returns"):
+                assert torch.equal(minibatch[key], batch[key][minibatch["row"]]), key
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_the_value_head_starts_at_zero_so_row_0_explains_none_of_the_returns(tmp_path, critic):
+    """V = 0 before the first update, on either critic's body: row 0's explained variance, 1 − Var(R − V)/Var(R),
+    is exactly 0, not the chance fit (or misfit) of a randomly initialised head: no prior about rewards."""
+    rows = run_main(ppo, *SMALL, "--critic", critic, "--kl-coef", "0.1", "--output-dir", str(tmp_path))
+    assert rows[0]["explained_variance"] == 0.0
+
+
 # ---- Bad input and a diverging run, in process: they end before any training ----
 def ppo_exit_message(monkeypatch, out_dir, *flags) -> str:
     return exit_message(monkeypatch, ppo.main, ["ppo.py", *SMALL, *flags, "--output-dir", str(out_dir)])
@@ -426,6 +469,7 @@ def test_bad_input_is_one_error_line_before_any_work(monkeypatch, capsys, tmp_pa
     assert_one_error_line_before_any_work(message, names, capsys, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(tmp_path):
     proc, _ = run_script("ppo.py", "--clip-range", "-1", out_dir=tmp_path / "run", check=False)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --clip-range must be > 0"]

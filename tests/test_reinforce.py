@@ -222,6 +222,7 @@ def test_token_logprobs_divide_the_logits_by_the_sampling_temperature(gpt2):
 
 
 # ---- End to end ----
+@pytest.mark.slow
 def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     _, rows = run_script("reinforce.py", "--total-episodes", "5120", "--eval-every", "5120", out_dir=tmp_path)
     first, last = rows[0], rows[-1]
@@ -230,6 +231,7 @@ def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "args.json").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_metrics(tmp_path):
     flags = (
         "--total-episodes",
@@ -249,6 +251,7 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
     assert all(r["kl"] >= 0 for r in runs[0][1:]) and any(r["kl"] > 0 for r in runs[0][1:])
 
 
+@pytest.mark.slow
 def test_runs_copied_alone_on_a_llama_whose_tokenizer_has_no_pad_token(tmp_path):
     from tiny import tiny_model
 
@@ -285,6 +288,7 @@ def test_bad_input_is_one_error_line_before_any_work(tmp_path, monkeypatch, caps
     assert_one_error_line_before_any_work(exit_message(monkeypatch, R.main, argv), message, capsys, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(tmp_path):
     proc, _ = run_script("reinforce.py", "--temperature", "0", out_dir=tmp_path / "run", check=False)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --temperature must be > 0"]

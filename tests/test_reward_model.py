@@ -196,6 +196,7 @@ def train(out_dir, *flags) -> dict:
     return json.loads((out_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_script_writes_a_reward_model_that_ppo_loads_with_its_offset(tmp_path, monkeypatch, capsys):
     """A tiny run samples training prompts only, writes a folder ppo.py's load_reward_model loads, whose
     config.reward_offset is the offset in metrics.json, and reports held-out accuracy before and after;
@@ -219,6 +220,7 @@ def test_the_script_writes_a_reward_model_that_ppo_loads_with_its_offset(tmp_pat
     assert expected in out
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_metrics_and_weights(tmp_path):
     """Two runs from one seed, label noise included: the same metrics.json apart from `seconds`, and the
     same weights, bit for bit."""
@@ -272,12 +274,14 @@ def test_ppo_refuses_a_reward_model_with_two_labels_in_one_line(monkeypatch, cap
     assert_one_error_line_before_any_work(message, "has 2 labels; a reward model has 1", capsys, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line_is_one_stderr_line_and_a_nonzero_exit(tmp_path):
     proc, _ = run_script("reward_model.py", "--num-pairs", "4", "--eval-pairs", "4", out_dir=tmp_path, check=False)
     expected = "error: --num-pairs 4 leaves no pair to train on after --eval-pairs 4"
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [expected]
 
 
+@pytest.mark.slow
 def test_runs_copied_alone(tmp_path):
     """One file, nothing else from this repository: copied elsewhere, it trains and saves."""
     (tmp_path / "reward_model.py").write_text((rm.HERE / "reward_model.py").read_text())

@@ -24,6 +24,7 @@ def small_run(name: str, out_dir, *flags) -> list[dict]:
 
 
 # ---- Nothing a user made is lost ----
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_run_into_a_folder_that_holds_a_run_stops_before_any_work_and_says_how_to_go_on(name, tmp_path, monkeypatch):
     """A second run into the folder of the first, with another seed, ends in one line that names what is there
@@ -51,6 +52,7 @@ def test_an_output_dir_that_is_a_file_is_one_error_line(name, tmp_path, monkeypa
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_folder_a_run_left_before_its_first_row_is_not_a_run(tmp_path):
     """A run stopped before it wrote a row or a save left args.json and an empty metrics.jsonl: nothing to keep,
     so a new run may start there."""
@@ -59,6 +61,7 @@ def test_a_folder_a_run_left_before_its_first_row_is_not_a_run(tmp_path):
     assert [r["iteration"] for r in small_run("ppo", tmp_path)] == [0, 1]
 
 
+@pytest.mark.slow
 def test_reward_model_py_replaces_a_reward_model_only_with_overwrite(tmp_path, monkeypatch):
     import reward_model as rm
 
@@ -100,6 +103,7 @@ def test_each_torchrun_process_makes_its_own_gpu_current_before_the_process_grou
     assert args == ("nccl",) and kwargs["device_id"] == device and kwargs["timeout"] >= datetime.timedelta(hours=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_run_saved_on_a_cpu_resumes_on_a_gpu_without_a_cuda_random_state(name, tmp_path, monkeypatch):
     """A CPU run's save holds no CUDA generator state; resumed where CUDA exists, the CUDA generator is left
@@ -132,7 +136,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-# one_line_errors is the same code in every script (test_task.py checks the copies): one of them and reward_model.py
+# one_line_errors is the same code in every script (test_shared.py checks the copies): one of them and reward_model.py
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo", "reward_model"])
 def test_an_error_line_reaches_stderr_in_one_write(name, tmp_path):
     """Under torchrun every process writes its error line at once; Python's own handler of sys.exit("...")

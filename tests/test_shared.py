@@ -21,6 +21,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 import sft
 from tiny import (
     CHECKPOINT,
+    SMALL_RUN,
     Oracle,
     assert_one_error_line_before_any_work,
     exit_message,
@@ -35,8 +36,8 @@ SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy",
           "sample_token", "sample", "Decoder", "default_generator", "capture", "prompt_ids", "conversations", "decode",
           "head_dtype", "product", "lm_head_logits", "LMHeadLogProbs", "response_logprobs", "token_logprobs",
           "response_states", "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats",
-          "parse_args", "cli_error", "start", "data_parallel", "Run", "save", "one_line_errors",
-          "check_versions"]  # fmt: skip
+          "parse_args", "cli_error", "start", "stream_seed", "data_parallel", "Run", "save", "one_line_errors",
+          "process_group", "check_versions"]  # fmt: skip
 SHARED_WITH_A_CRITIC = ["token_rewards", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
 SHARED_WITHOUT = ["PolicyLogProbs"]  # reinforce.py and grpo.py
 SHARED_LORA = ["kl_penalty", "Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
@@ -395,6 +396,7 @@ def shape_dependent_rounding(module, monkeypatch):
     monkeypatch.setattr(module, "product", lambda a, b: product(a, b) + 1e-3 * (a.shape[0] % 5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ppo", "grpo"])
 def test_the_first_minibatch_ratio_is_exactly_1_when_rounding_depends_on_the_batch_shape(name, tmp_path,
                                                                                           monkeypatch):  # fmt: skip
@@ -434,6 +436,7 @@ TINY = {
 UPDATE = {"reinforce": "update", "actor_critic": "update", "ppo": "update_minibatch", "grpo": "update_minibatch"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_gradient_checkpointing_recomputes_each_layer_in_training_mode_and_changes_nothing(
     name, tmp_path, monkeypatch, dropout_gpt2
@@ -510,6 +513,7 @@ def straight_runs(tmp_path_factory):
     return {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, stop", STOPS)
 def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted_run_writes(
     name, stop, tmp_path, monkeypatch, straight_runs
@@ -576,6 +580,7 @@ def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted
 
 
 # ---- Evaluation: one rule, one meaning of eval_accuracy ----
+@pytest.mark.slow
 def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, policy):
     """An oracle that answers every pair right scores 1.0; one whose answer is wrong where a + b is even,
     and is `4 <pad> 6` for one pair whose sum is 46, scores the share of odd sums among the 500 pairs, in
@@ -597,6 +602,7 @@ def test_evaluate_scores_every_evaluation_pair_by_the_reward_rule(scripts, polic
     assert sft.greedy_accuracy(Oracle(tok, wrong), tok, sft.EVAL_PAIRS, 6) == odd_share
 
 
+@pytest.mark.slow
 def test_sft_and_the_scripts_agree_on_the_committed_checkpoints_eval_accuracy(scripts, policy):
     model, tok = policy
     args = SimpleNamespace(max_new_tokens=6, temperature=1.0, inference_batch_size=500, chat=False, cuda_graphs=False)
@@ -655,6 +661,63 @@ def test_resume_takes_no_other_flag_and_needs_a_saved_run(name, monkeypatch, cap
     assert "no other flag" in exit_message(monkeypatch, module.main, [name, "--resume", str(tmp_path), "--seed", "2"])
 
 
+# ---- Processes: their random streams, and how they end ----
+def test_no_two_processes_of_any_two_seeds_share_a_stream_and_process_0_keeps_the_seed(scripts):
+    """stream_seed is injective on [0, 2³²) x ranks: process 1 of seed 1 no longer draws what process 0 of seed 2
+    draws (as seed + rank made it), and one process draws with --seed itself, as it always did."""
+    stream_seed = scripts[0].stream_seed
+    seeds = [*range(64), 2**31, 2**32 - 2, 2**32 - 1]
+    streams = [stream_seed(seed, rank) for seed in seeds for rank in range(64)]
+    assert len(set(streams)) == len(streams) and all(0 <= s < 2**64 for s in streams)
+    assert [stream_seed(seed, 0) for seed in seeds] == seeds and stream_seed(1, 1) != stream_seed(2, 0)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_start_seeds_torch_with_the_processs_own_stream(name, monkeypatch):
+    module = importlib.import_module(name)
+    monkeypatch.setenv("RANK", "3")  # a process that is not the first, without a process group
+    module.start(module.Args(seed=5, device="cpu"))
+    assert torch.initial_seed() == 5 + 3 * 2**32
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_outside_0_to_2_32_is_one_error_line(name, seed, monkeypatch, capsys, tmp_path):
+    module = importlib.import_module(name)
+    argv = [name, *SMALL_RUN[name], "--total-episodes", "8", f"--seed={seed}", "--output-dir", str(tmp_path / "run")]
+    message = exit_message(monkeypatch, module.main, argv)
+    assert_one_error_line_before_any_work(message, "--seed must be in [0, 2**32)", capsys, tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_process_group_is_destroyed_only_after_mains_module_is_released(name, monkeypatch):
+    """With a process group (a fake here), process_group() waits for main() to return and for a garbage
+    collection, so the DistributedDataParallel module (here an object in a reference cycle, as a module with
+    hooks can be) is released before the barrier and the destruction of the group; Run.finish no longer
+    destroys it while main() holds the module (pytorch/pytorch#56297)."""
+    module, events = importlib.import_module(name), []
+
+    class Learner:
+        def __init__(self):
+            self.cycle = self
+
+        def __del__(self):
+            events.append("module released")
+
+    def main():
+        learner = Learner()  # noqa: F841, held until main returns, as main() holds the DistributedDataParallel module
+        events.append("main returns")
+
+    fake = SimpleNamespace(is_initialized=lambda: True, barrier=lambda: events.append("barrier"),
+                           destroy_process_group=lambda: events.append("group destroyed"))  # fmt: skip
+    monkeypatch.setattr(module, "dist", fake)
+    with module.process_group():
+        main()
+    assert events == ["main returns", "module released", "barrier", "group destroyed"]
+    destroy = "dist.destroy_process_group("  # called once in the script, by process_group alone
+    assert inspect.getsource(module).count(destroy) == 1 and destroy in inspect.getsource(module.process_group)
+
+
 def test_help_lists_every_flag_with_its_docstring(scripts, monkeypatch, capsys):
     for module in scripts:
         assert exit_message(monkeypatch, module.main, [module.__name__ + ".py", "--help"]) == 0
@@ -674,12 +737,14 @@ def field_docstrings(cls) -> dict[str, str]:
 
 
 # ---- The starting policy ----
+@pytest.mark.slow
 def test_committed_checkpoint_is_half_trained(policy):
     """Greedy accuracy in [0.30, 0.60]: good enough to be rewarded sometimes, with room to improve."""
     model, tok = policy
     assert 0.30 <= sft.greedy_accuracy(model, tok, sft.EVAL_PAIRS) <= 0.60
 
 
+@pytest.mark.slow
 def test_checkpoint_is_about_as_good_on_prompts_with_a_one_digit_operand(policy):
     """RL sharpens what the start can sometimes do: a policy that had barely learned one-digit
     operands (0.18 of them against 0.56 of the others, on the natural mix) capped RL near 0.8."""
@@ -696,6 +761,7 @@ def test_character_tokenizer_round_trips_with_distinct_pad_and_eos(policy):
     assert len(ids) == 6 and tok.decode(ids) == "12+34="
 
 
+@pytest.mark.slow
 def test_sft_is_reproducible_on_a_small_budget(tmp_path):
     flags = ("--max-steps", "20", "--eval-every", "10", "--n-embd", "32", "--n-layer", "1")
     for name in ("a", "b"):
