@@ -107,12 +107,13 @@ def test_a_library_too_old_for_the_script_stops_it_with_one_error_line(
 ):
     """Under transformers 4.x the scripts would fail only once running, on names of transformers 5 (`dtype=`,
     `cache=`): each stops before any work, naming the library, the version it needs and the one it found."""
-    importlib.import_module(name)
+    module = importlib.import_module(name)
     with monkeypatch.context() as patch:
         if library == "Python":
             patch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
-        else:
-            patch.setattr(sys.modules[library], "__version__", old)
+        else:  # the module the script imported, and sys.modules' (another object once transformers re-registers it)
+            for imported in {id(m): m for m in (getattr(module, library), sys.modules[library])}.values():
+                patch.setattr(imported, "__version__", old)
         message = run_in_process(name, ["--output-dir", str(tmp_path / "run"), *TINY[name]], patch)
     assert_one_error_line_before_any_work(message, f"error: {name}.py needs {library} >= ", capsys, tmp_path / "run")
     assert message.endswith(f"; this is {old or '3.10.14'}"), message

@@ -370,7 +370,7 @@ def test_default_run_improves_eval_accuracy_on_a_fixed_budget(tmp_path):
     assert rows[-1]["episodes"] == 2048 and rows[-1]["eval_accuracy"] >= rows[0]["eval_accuracy"] + 0.15
 
 
-def test_the_critic_regresses_on_returns_taken_before_whitening_and_the_learning_rate_decays_to_0(
+def test_the_critic_regresses_on_returns_taken_before_whitening_and_the_last_update_runs_at_lr_over_n(
     tmp_path, monkeypatch
 ):
     """Every minibatch's returns are GAE's R_t = A_t + V_old(s_t) from the raw advantages, and its advantages
