@@ -35,10 +35,11 @@ SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy",
           "sample_token", "sample", "Decoder", "default_generator", "capture", "prompt_ids", "conversations", "decode",
           "head_dtype", "product", "lm_head_logits", "LMHeadLogProbs", "response_logprobs",
           "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats", "parse_args", "cli_error",
-          "start", "data_parallel", "Run", "save", "one_line_errors"]  # fmt: skip
+          "start", "data_parallel", "Run", "whole_weights", "save", "one_line_errors"]  # fmt: skip
 SHARED_WITH_A_CRITIC = ["forward", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
 SHARED_WITHOUT = ["token_logprobs", "PolicyLogProbs"]  # reinforce.py and grpo.py
 SHARED_LORA = ["Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
+SHARED_FSDP = ["shard", "gathered", "Whole", "whole"]  # ppo.py and grpo.py
 CONSTANTS = ["EVAL_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
@@ -68,6 +69,10 @@ def test_the_shared_pieces_are_the_same_code_in_every_script(scripts):
     for name in SHARED_LORA:
         assert [m.__name__ for m in with_lora] == ["ppo", "grpo"], name
         assert len({inspect.getsource(getattr(m, name)) for m in with_lora}) == 1, name
+    with_fsdp = [m for m in scripts if hasattr(m, "shard")]
+    for name in SHARED_FSDP:
+        assert [m.__name__ for m in with_fsdp] == ["ppo", "grpo"], name
+        assert len({inspect.getsource(getattr(m, name)) for m in with_fsdp}) == 1, name
     for name in CONSTANTS:  # what the shared code reads: equal values, not only equal source
         assert all(getattr(m, name) == getattr(scripts[0], name) for m in scripts), name
 
