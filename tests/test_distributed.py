@@ -1,6 +1,7 @@
 """torchrun: N processes run the same algorithm as one. The equivalence is checked exactly, in float64,
 with 2 CPU processes (gloo) against 1, for PPO's update and its logged statistics and for GRPO's three loss
-aggregations; then every script end to end under torchrun."""
+aggregations, with DistributedDataParallel and with --fsdp's sharding (FSDP2); then every script end to end
+under torchrun."""
 
 import copy
 import gc
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
@@ -33,13 +35,14 @@ def end_process_group() -> None:
     dist.destroy_process_group()
 
 
-def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[torch.Tensor, dict]:
+def ppo_update(path: str, rank: int, world: int, store: str | None, fsdp: bool = False) -> tuple[torch.Tensor, dict]:
     """Process `rank` of `world` takes its share of 16 fixed responses, builds their rewards (with a KL
     penalty), GAE and whitened advantages, and runs EPOCHS x MINIBATCHES steps of update_minibatch on its
     shares of fixed minibatches, as ppo.main does. Returns the parameters after the update and the row of
     statistics ppo.main would log (batch_stats, update_stats, and the adaptive β it would pass on). The same
     16 responses and the same minibatches (global response indices, shuffled within each process's share)
-    whatever `world` is."""
+    whatever `world` is. With `fsdp`, the agent is sharded as --fsdp shards it (ppo.shard) and the log-probs of
+    its gathered weights (ppo.gathered) are checked against the whole model's."""
     if store is not None:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     policy, tok = ppo.load_policy(path, torch.device("cpu"), torch.float64)
@@ -61,7 +64,11 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[tor
     head = torch.nn.Linear(policy.config.hidden_size, 1).double()
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     agent = ppo.PolicyAndCritic(policy, head).train()
-    learner = DistributedDataParallel(agent) if store is not None else agent
+    learner = DistributedDataParallel(agent) if store is not None and not fsdp else agent
+    if fsdp:
+        ppo.shard(agent, None, torch.device("cpu"))
+        with ppo.gathered(agent), torch.no_grad():  # the weights of every process, as sampling sees them
+            assert torch.equal(agent(ids[share], attn[share], n_prompt, 1.0)[0], batch["logp_old"])
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, fused=True)
     args = ppo.Args(temperature=1.0, micro_batch_size=3)  # 4 responses of a process's share: 3 + 1
     local, steps = RESPONSES // world, []
@@ -79,28 +86,37 @@ def ppo_update(path: str, rank: int, world: int, store: str | None) -> tuple[tor
             )
     row = ppo.batch_stats(batch, rewards, returns) | ppo.update_stats(steps)
     row["beta"] = ppo.adaptive_kl_coef(0.1, row["kl"], 0.01, RESPONSES, 100)
-    parameters = torch.cat([p.detach().flatten() for p in agent.parameters()])
+    parameters = torch.cat([whole(p).detach().flatten() for p in agent.parameters()])
     if store is not None:
         del learner  # before the group: see end_process_group
         end_process_group()
     return parameters, row
 
 
-def ppo_update_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
-    parameters, row = ppo_update(path, rank, world, store)
+def whole(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter sharded by FSDP (a DTensor), gathered; any other as it is."""
+    return parameter.full_tensor() if isinstance(parameter, DTensor) else parameter
+
+
+def ppo_update_in_process(rank: int, world: int, path: str, store: str, out: str, fsdp: bool) -> None:
+    parameters, row = ppo_update(path, rank, world, store, fsdp)
     if rank == 0:
         torch.save((parameters, row), out)
 
 
-def test_two_processes_leave_the_parameters_and_log_the_statistics_one_process_does(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_leave_the_parameters_and_log_the_statistics_one_process_does(parallel, tmp_path):
     """PPO's update (whitening, 2 epochs x 2 minibatches, micro-batches of 3) by 2 gloo processes on 8
     responses each leaves the parameters 1 process leaves on the 16, to 1e-10 in float64: the advantages
     are whitened with the global mean and variance, each step's loss is divided by the minibatch's
-    token count over both processes, and DistributedDataParallel's average is undone into a sum. Every
-    logged statistic of the batch and of the update, and the adaptive β it drives, is the whole batch's too."""
+    token count over both processes, and the average over processes (DistributedDataParallel's all-reduce, or
+    FSDP's reduce-scatter with --fsdp) is undone into a sum. Every logged statistic of the batch and of the
+    update, the gradient's norm (over both processes' shards with --fsdp), and the adaptive β it drives, is the
+    whole batch's too."""
     path = str(tiny_model(tmp_path / "model", "gpt2"))
     one, one_row = ppo_update(path, 0, 1, None)
-    mp.spawn(ppo_update_in_process, args=(2, path, str(tmp_path / "store"), str(tmp_path / "two.pt")), nprocs=2)
+    store, out = str(tmp_path / "store"), str(tmp_path / "two.pt")
+    mp.spawn(ppo_update_in_process, args=(2, path, store, out, parallel == "fsdp"), nprocs=2)
     two, two_row = torch.load(tmp_path / "two.pt")
     start = torch.cat([p.flatten() for p in AutoModelForCausalLM.from_pretrained(path).double().parameters()])
     assert (one[: len(start)] - start).abs().max() > 1e-4  # the update moved the parameters
@@ -110,9 +126,10 @@ def test_two_processes_leave_the_parameters_and_log_the_statistics_one_process_d
         assert two_row[key] == pytest.approx(value, rel=1e-9, abs=1e-10), key
 
 
-def grpo_updates(path: str, rank: int, world: int, store: str | None) -> dict:
+def grpo_updates(path: str, rank: int, world: int, store: str | None, fsdp: bool = False) -> dict:
     """For each loss aggregation, the parameters after 2 steps of grpo.update_minibatch by process `rank` of
-    `world` on its share of 2 fixed minibatches of 8 responses of different lengths (micro-batches of 3)."""
+    `world` on its share of 2 fixed minibatches of 8 responses of different lengths (micro-batches of 3); with
+    `fsdp`, the agent sharded as --fsdp shards it (grpo.shard)."""
     if store is not None:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     policy, tok = grpo.load_policy(path, torch.device("cpu"), torch.float64)
@@ -126,33 +143,38 @@ def grpo_updates(path: str, rank: int, world: int, store: str | None) -> dict:
     parameters = {}
     for mode in ("token", "sequence", "constant"):
         agent = grpo.PolicyLogProbs(copy.deepcopy(policy))
-        learner = DistributedDataParallel(agent) if store is not None else agent
+        learner = DistributedDataParallel(agent) if store is not None and not fsdp else agent
+        if fsdp:
+            grpo.shard(agent, None, torch.device("cpu"))
         optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, fused=True)
         args = grpo.Args(temperature=1.0, micro_batch_size=3, loss_aggregation=mode, kl_penalty="k3-loss")
         for half in (slice(0, 8), slice(8, 16)):  # a minibatch: 4 responses in each of 2 processes
             share = slice(half.start + rank * 8 // world, half.start + (rank + 1) * 8 // world)
             grpo.update_minibatch(learner, optimizer, {k: v[share] for k, v in batch.items()}, n_prompt, args, 0.1)
-        parameters[mode] = torch.cat([p.detach().flatten() for p in agent.parameters()])
+        parameters[mode] = torch.cat([whole(p).detach().flatten() for p in agent.parameters()])
     if store is not None:
         del learner  # before the group: see end_process_group
         end_process_group()
     return parameters
 
 
-def grpo_updates_in_process(rank: int, world: int, path: str, store: str, out: str) -> None:
-    parameters = grpo_updates(path, rank, world, store)
+def grpo_updates_in_process(rank: int, world: int, path: str, store: str, out: str, fsdp: bool) -> None:
+    parameters = grpo_updates(path, rank, world, store, fsdp)
     if rank == 0:
         torch.save(parameters, out)
 
 
-def test_grpos_loss_aggregations_do_not_change_with_the_number_of_processes(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_grpos_loss_aggregations_do_not_change_with_the_number_of_processes(parallel, tmp_path):
     """Each of the three loss aggregations of grpo.py (over the minibatch's tokens, per response then over
     responses, by a constant) leaves the same parameters, to 1e-10 in float64, whether 1 process or 2 gloo
-    processes take the steps: each token's weight comes from the minibatch's counts over every process (the
-    normalisation per process or per micro-batch that veRL fixed twice would not). The three do differ."""
+    processes take the steps (with DistributedDataParallel, or sharded as --fsdp shards them): each token's weight
+    comes from the minibatch's counts over every process (the normalisation per process or per micro-batch that
+    veRL fixed twice would not). The three do differ."""
     path = str(tiny_model(tmp_path / "model", "gpt2"))
     one = grpo_updates(path, 0, 1, None)
-    mp.spawn(grpo_updates_in_process, args=(2, path, str(tmp_path / "store"), str(tmp_path / "two.pt")), nprocs=2)
+    store, out = str(tmp_path / "store"), str(tmp_path / "two.pt")
+    mp.spawn(grpo_updates_in_process, args=(2, path, store, out, parallel == "fsdp"), nprocs=2)
     two = torch.load(tmp_path / "two.pt")
     for mode, parameters in one.items():
         torch.testing.assert_close(two[mode], parameters, rtol=0, atol=1e-10, msg=mode)
