@@ -479,8 +479,8 @@ def update_minibatch(learner, optimizer, minibatch: dict, n_prompt: int, args: A
             loss = weighted_loss(pg_loss + beta * kl, weights, mb["mask"])
             (loss * world).backward()
         logged.append((mb["mask"], ratio.detach(), clipped, pg_loss.detach(), kl.detach()))
+    # With --fsdp, the norm of all the processes' shards together (a DTensor, the same in every process).
     grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
-    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # --fsdp: every shard's
     if not torch.isfinite(grad_norm):
         raise FloatingPointError("non-finite gradient")
     optimizer.step()

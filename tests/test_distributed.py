@@ -8,6 +8,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -179,6 +180,54 @@ def test_grpos_loss_aggregations_do_not_change_with_the_number_of_processes(para
     for mode, parameters in one.items():
         torch.testing.assert_close(two[mode], parameters, rtol=0, atol=1e-10, msg=mode)
     assert (one["token"] - one["sequence"]).abs().max() > 1e-6 and (one["token"] - one["constant"]).abs().max() > 1e-6
+
+
+def fsdp_rollout_and_step(rank: int, world: int, path: str, store: str, out: str) -> None:
+    """Process `rank` of 2 shards π_θ with a value head, and π_ref, as ppo.main does with --fsdp, runs a rollout of
+    8 responses of at most 8 tokens in its gathered weights and takes one step on them. Process 1's model stops at
+    any token, so its responses all end at their first. Rank 0 saves each process's response width."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    cpu = torch.device("cpu")
+    (policy, tok), ref_policy = ppo.load_policy(path, cpu), ppo.load_policy(path, cpu)[0].requires_grad_(False)
+    if rank == 1:
+        policy.generation_config.eos_token_id = list(range(policy.token_id_limit))
+    head = torch.nn.Linear(policy.config.hidden_size, 1)
+    agent = ppo.PolicyAndCritic(policy, head).train()
+    ppo.shard(agent, ref_policy, cpu)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    args = ppo.Args(max_new_tokens=8, num_minibatches=1, micro_batch_size=4, inference_batch_size=4)
+    torch.manual_seed(rank)
+    with ppo.gathered(agent, ref_policy):
+        batch, n_prompt = ppo.rollout(agent, tok, [f"{i}+{i}=" for i in range(8)], args, ref_policy)
+    mask = batch["mask"]
+    rewards = ppo.token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], mask, 0.1)
+    advantages, returns = gae(rewards, batch["values_old"], mask, 1.0, 0.95)
+    batch.update(advantages=ppo.whiten(advantages, mask), returns=returns)
+    ppo.update_minibatch(agent, optimizer, batch, n_prompt, args)
+    widths = [None] * world
+    dist.all_gather_object(widths, (mask.shape[1], mask.sum(1).tolist()))
+    if rank == 0:
+        torch.save(widths, out)
+    end_process_group()
+
+
+def test_with_fsdp_a_process_whose_responses_all_stop_at_once_does_not_hang_the_other(tmp_path):
+    """Under --fsdp, process 1's responses all stop at their first token while process 0's run to the 8th: the
+    rollout (sampling, π_old, V_old and π_ref) in weights gathered once (ppo.gathered) runs no collective, so
+    each process decodes its own number of steps, and both reach the update's step, within 2 minutes (a run of
+    a few seconds). A step that gathered a layer's weights per token would leave process 0 waiting for process
+    1 at its second token."""
+    path, out = str(tiny_model(tmp_path / "model", "gpt2")), tmp_path / "widths.pt"
+    context = mp.start_processes(fsdp_rollout_and_step, args=(2, path, str(tmp_path / "store"), str(out)), nprocs=2,
+                                 join=False, start_method="spawn")  # fmt: skip
+    deadline = time.time() + 120
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the processes hung")
+    (width0, lengths0), (width1, lengths1) = torch.load(out)
+    assert width0 == 8 and max(lengths0) == 8 and width1 == 1 and lengths1 == [1] * 8
 
 
 def torchrun(script: str, *flags: str) -> subprocess.CompletedProcess:
