@@ -278,3 +278,66 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_error_line_from_e
     message = "error: --num-prompts 12 must split into --num-minibatches 4 over 2 processes"
     assert proc.returncode != 0 and [line for line in proc.stderr.splitlines() if "error:" in line] == [message] * 2
     assert 'ppo.py", line' not in proc.stderr and not (tmp_path / "run").exists()
+
+
+# A script run whose processes all end right after the save at iteration 2, as an interrupted run would.
+STOPPED_AFTER_A_SAVE = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+module = __import__(sys.argv.pop(1))
+save = module.Run.save
+def save_then_stop(self, row, *args, **kwargs):
+    save(self, row, *args, **kwargs)
+    if row["iteration"] == 2:
+        os._exit(0)
+module.Run.save = save_then_stop
+with module.one_line_errors():
+    module.main()
+"""
+
+FSDP_RUNS = {  # ppo: the separate critic's own sharded body, recomputed layers, β moving; grpo: π_ref in the loss
+    "ppo": ["--num-prompts", "16", "--num-minibatches", "2", "--critic", "separate", "--gradient-checkpointing",
+            "--kl-coef", "0.1", "--kl-target", "0.01", "--kl-horizon", "100"],
+    "grpo": ["--num-prompts", "8", "--group-size", "2", "--num-minibatches", "2", "--kl-coef", "0.1",
+             "--kl-penalty", "k3-loss"],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FSDP_RUNS)
+def test_an_fsdp_run_trains_as_ddp_does_and_resumes_as_if_never_stopped(name, tmp_path):
+    """torchrun with 2 processes, 4 iterations of 16 episodes, a save after each. With --fsdp the run logs the rows
+    DistributedDataParallel's run logs, to 1e-3 relative (float32 sums in another order), and saves a model that
+    from_pretrained loads, the same to 5e-5 (a tenth of how far training moved it). Stopped after its save at
+    iteration 2 and continued with --resume, the --fsdp run writes the same rows as when run straight (apart from
+    `seconds`) and the same model, bit for bit: the optimizer's moments and the critic, saved whole by rank 0 and
+    sharded again, carry over."""
+    import json
+
+    flags = [*FSDP_RUNS[name], "--max-new-tokens", "4", "--total-episodes", "64", "--eval-every", "16"]
+    runs = {}
+    for run, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        proc = torchrun(f"{name}.py", *flags, *extra, "--output-dir", str(tmp_path / run))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "stop.py").write_text(STOPPED_AFTER_A_SAVE)
+    proc = torchrun(str(tmp_path / "stop.py"), name, *flags, "--fsdp", "--output-dir", str(tmp_path / "resumed"))
+    assert proc.returncode == 0 and not (tmp_path / "resumed" / "model.tmp").exists(), proc.stderr[-3000:]
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
+    proc = torchrun(f"{name}.py", "--resume", str(tmp_path / "resumed"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = lambda path: AutoModelForCausalLM.from_pretrained(path).state_dict()
+    for run in ("ddp", "fsdp", "resumed"):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        runs[run] = (
+            [{k: v for k, v in row.items() if k != "seconds"} for row in rows],
+            weights(tmp_path / run / "model"),
+        )
+    (ddp_rows, ddp_model), (fsdp_rows, fsdp_model), (resumed_rows, resumed_model) = runs.values()
+    assert len(fsdp_rows) == 5 and resumed_rows == fsdp_rows
+    assert all(torch.equal(resumed_model[k], fsdp_model[k]) for k in fsdp_model)
+    for ddp_row, fsdp_row in zip(ddp_rows, fsdp_rows, strict=True):
+        assert fsdp_row == pytest.approx(ddp_row, rel=1e-3, abs=1e-6), ddp_row["iteration"]
+    start = weights(ROOT / "checkpoints" / "sft-addition")
+    assert fsdp_model.keys() == ddp_model.keys() and max((ddp_model[k] - start[k]).abs().max() for k in start) > 2e-4
+    for key, value in ddp_model.items():
+        torch.testing.assert_close(fsdp_model[key], value, rtol=0, atol=5e-5, msg=key)
