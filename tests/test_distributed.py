@@ -5,6 +5,7 @@ under torchrun."""
 
 import copy
 import gc
+import importlib
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import grpo
 import ppo
 from gae import gae
-from tiny import ROOT, tiny_model
+from tiny import ROOT, exit_message, tiny_model
 
 EPOCHS, MINIBATCHES, RESPONSES = 2, 2, 16
 
@@ -278,6 +279,20 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_error_line_from_e
     message = "error: --num-prompts 12 must split into --num-minibatches 4 over 2 processes"
     assert proc.returncode != 0 and [line for line in proc.stderr.splitlines() if "error:" in line] == [message] * 2
     assert 'ppo.py", line' not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("world, flags, message", [
+    ("1", ["--fsdp"], "--fsdp shards over processes: run it under torchrun --nproc-per-node N (N >= 2)"),
+    ("2", ["--fsdp", "--lora-rank", "1"], "--fsdp does not combine with --lora-rank (LoRA fits 8B on one GPU)"),
+])  # fmt: skip
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_fsdp_without_torchrun_or_with_lora_is_one_error_line(name, world, flags, message, monkeypatch, tmp_path):
+    """--fsdp shards over torchrun's processes: one process alone is refused, and so is LoRA with it (not built:
+    LoRA fits an 8B model on one GPU already)."""
+    monkeypatch.setenv("WORLD_SIZE", world)  # as torchrun sets it; the arguments are checked before any group starts
+    text = exit_message(monkeypatch, importlib.import_module(name).main, [f"{name}.py", *flags,
+                                                                          "--output-dir", str(tmp_path)])  # fmt: skip
+    assert text == "error: " + message and not (tmp_path / "args.json").exists()
 
 
 # A script run whose processes all end right after the save at iteration 2, as an interrupted run would.
