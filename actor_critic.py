@@ -850,8 +850,10 @@ class Run:
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
         if not self.args.resume:
             return {}
-        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device.
-        state = torch.load(self.dir / "model" / "training_state.pt", map_location="cpu", weights_only=True)
+        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device. Mapped,
+        # not read: N processes of one machine share one copy (with --fsdp, each reads the whole optimizer state).
+        path = self.dir / "model" / "training_state.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if len(state["rng"]) != self.world:
             sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
         for key, value in self.stateful.items():

@@ -536,12 +536,12 @@ def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted
             raise KeyboardInterrupt
         return rmtree(path, *args, **kwargs)
 
-    def save_then_stop(model, tok, path, state):
+    def save_then_stop(model, tok, path, state, weights=None):
         if stop == "between-a-saves-two-renames" and state["iteration"] == 3:
             monkeypatch.setattr(Path, "rename", stopped_at_the_second_rename)
         if stop == "before-a-save-removes-model-old" and state["iteration"] == 3:
             monkeypatch.setattr(shutil, "rmtree", stopped_before_removing_model_old)
-        save(model, tok, path, state)
+        save(model, tok, path, state, weights)
         if stop.startswith("after-a-save") and state["iteration"] == 2:
             raise KeyboardInterrupt
 
