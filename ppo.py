@@ -565,9 +565,8 @@ def shard(agent, ref_policy, device: torch.device) -> None:
     freed after it, and its gradients reduce-scattered as an average over the processes, as DDP's are all-reduced.
     On a GPU the gathered weights are bf16 (autocast computes the products in bf16 anyway) and gradients are
     reduced in float32; the value head, a unit of its own, stays float32 as without --fsdp."""
-    half = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-    )
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    precision = precision if device.type == "cuda" else MixedPrecisionPolicy()  # a CPU's: the parameters' own
     # V [B, T] is a view of the head's [B, T, 1], which FSDP warns of: nothing writes into it.
     warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view")
     for model in [m for m in (agent, ref_policy) if m is not None]:
@@ -577,10 +576,10 @@ def shard(agent, ref_policy, device: torch.device) -> None:
         if not layers:
             sys.exit("error: --fsdp: the model names no decoder layer (_no_split_modules) to shard by")
         for layer in layers:
-            fully_shard(layer, mp_policy=half or MixedPrecisionPolicy())
+            fully_shard(layer, mp_policy=precision)
         if getattr(model, "value_head", None) is not None:
             fully_shard(model.value_head)
-        fully_shard(model, mp_policy=half or MixedPrecisionPolicy())
+        fully_shard(model, mp_policy=precision)
 
 
 @contextlib.contextmanager
