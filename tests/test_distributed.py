@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_param_group  # to count its all-gathers
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
@@ -186,7 +188,8 @@ def test_grpos_loss_aggregations_do_not_change_with_the_number_of_processes(para
 def fsdp_rollout_and_step(rank: int, world: int, path: str, store: str, out: str) -> None:
     """Process `rank` of 2 shards π_θ with a value head, and π_ref, as ppo.main does with --fsdp, runs a rollout of
     8 responses of at most 8 tokens in its gathered weights and takes one step on them. Process 1's model stops at
-    any token, so its responses all end at their first. Rank 0 saves each process's response width."""
+    any token, so its responses all end at their first. Rank 0 saves each process's response width and lengths,
+    and how many all-gathers FSDP ran in the rollout against how many units (layers, value head, roots) it has."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     cpu = torch.device("cpu")
     (policy, tok), ref_policy = ppo.load_policy(path, cpu), ppo.load_policy(path, cpu)[0].requires_grad_(False)
@@ -198,15 +201,19 @@ def fsdp_rollout_and_step(rank: int, world: int, path: str, store: str, out: str
     optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
     args = ppo.Args(max_new_tokens=8, num_minibatches=1, micro_batch_size=4, inference_batch_size=4)
     torch.manual_seed(rank)
+    all_gather, gathers = fsdp_param_group.foreach_all_gather, []
+    fsdp_param_group.foreach_all_gather = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
     with ppo.gathered(agent, ref_policy):
         batch, n_prompt = ppo.rollout(agent, tok, [f"{i}+{i}=" for i in range(8)], args, ref_policy)
+    fsdp_param_group.foreach_all_gather = all_gather
+    units = sum(isinstance(m, FSDPModule) for m in [*agent.modules(), *ref_policy.modules()])
     mask = batch["mask"]
     rewards = ppo.token_rewards(batch["scores"], batch["logp_old"], batch["logp_ref"], mask, 0.1)
     advantages, returns = gae(rewards, batch["values_old"], mask, 1.0, 0.95)
     batch.update(advantages=ppo.whiten(advantages, mask), returns=returns)
     ppo.update_minibatch(agent, optimizer, batch, n_prompt, args)
     widths = [None] * world
-    dist.all_gather_object(widths, (mask.shape[1], mask.sum(1).tolist()))
+    dist.all_gather_object(widths, (mask.shape[1], mask.sum(1).tolist(), len(gathers), units))
     if rank == 0:
         torch.save(widths, out)
     end_process_group()
@@ -216,8 +223,8 @@ def test_with_fsdp_a_process_whose_responses_all_stop_at_once_does_not_hang_the_
     """Under --fsdp, process 1's responses all stop at their first token while process 0's run to the 8th: the
     rollout (sampling, π_old, V_old and π_ref) in weights gathered once (ppo.gathered) runs no collective, so
     each process decodes its own number of steps, and both reach the update's step, within 2 minutes (a run of
-    a few seconds). A step that gathered a layer's weights per token would leave process 0 waiting for process
-    1 at its second token."""
+    a few seconds). The weights are all-gathered once per FSDP unit for the whole rollout, not at every token: a
+    step that gathered a layer's weights per token would leave process 0 waiting for process 1 at its second."""
     path, out = str(tiny_model(tmp_path / "model", "gpt2")), tmp_path / "widths.pt"
     context = mp.start_processes(fsdp_rollout_and_step, args=(2, path, str(tmp_path / "store"), str(out)), nprocs=2,
                                  join=False, start_method="spawn")  # fmt: skip
@@ -227,8 +234,9 @@ def test_with_fsdp_a_process_whose_responses_all_stop_at_once_does_not_hang_the_
             for process in context.processes:
                 process.kill()
             pytest.fail("the processes hung")
-    (width0, lengths0), (width1, lengths1) = torch.load(out)
+    (width0, lengths0, gathers0, units0), (width1, lengths1, gathers1, units1) = torch.load(out)
     assert width0 == 8 and max(lengths0) == 8 and width1 == 1 and lengths1 == [1] * 8
+    assert gathers0 == units0 == gathers1 == units1 == 7  # π_θ: 2 layers, the value head, the root; π_ref: 2, the root
 
 
 def torchrun(script: str, *flags: str) -> subprocess.CompletedProcess:
