@@ -617,9 +617,9 @@ class Whole:
     def state_dict(self) -> dict:
         if not isinstance(self.item, torch.optim.Optimizer):
             return whole_weights(self.item)
-        if (
-            not self.item.state
-        ):  # before the first step; get_optimizer_state_dict would take one at lr 0, which Adam counts
+        # Before the first step there is nothing to gather, and get_optimizer_state_dict would take a step at lr 0
+        # to make some, which Adam would count.
+        if not self.item.state:
             return self.item.state_dict()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(self.agent, self.item, options=options)
