@@ -20,6 +20,7 @@ An iteration has two phases.
     python ppo.py                               # the embedded addition policy, a few minutes on a CPU
     python ppo.py --reward-model runs/rm        # RLHF: a reward model from reward_model.py scores instead
     torchrun --nproc-per-node 8 ppo.py ...      # the same algorithm, data-parallel over 8 GPUs
+    torchrun --nproc-per-node 8 ppo.py --fsdp   # the same, each GPU holding 1/8 of the weights and Adam's state
     python ppo.py --resume runs/ppo-1-...       # continue an interrupted run from its last save
     python ppo.py --help
 
@@ -46,6 +47,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -54,6 +56,15 @@ import torch
 import torch.distributed as dist
 import transformers
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     AutoConfig,
@@ -150,6 +161,10 @@ class Args:
     lora_targets: str = "all-linear"
     """the layers given adapters: all-linear (every linear layer of the body; never the LM head), or name endings
     separated by commas, such as q_proj,v_proj"""
+    fsdp: bool = False
+    """under torchrun, shard the weights, gradients and Adam's state of π_θ (and the critic) and π_ref over the
+    processes (PyTorch's FSDP2) instead of a whole copy in each: full fine-tuning past one GPU's memory. Decoding
+    then runs without CUDA graphs (FSDP's hooks run in every step)"""
 
 
 # ==== The task: two-digit addition. Replace this block (the reward and the prompts) for your own task. ====
@@ -274,7 +289,7 @@ def update_minibatch(learner, optimizer, minibatch: dict, prompt_width: int, arg
     per micro-batch, the token mask and r_t, A_t and the two losses, for the log. A gradient that is
     not finite is never stepped on: FloatingPointError."""
     n_tokens = global_sum(minibatch["mask"].sum())
-    # DistributedDataParallel averages gradients over processes; the loss is a sum over them.
+    # DistributedDataParallel averages gradients over processes, as FSDP does; the loss is a sum over them.
     world = dist.get_world_size() if dist.is_initialized() else 1
     micro = [
         {k: v[i : i + args.micro_batch_size] for k, v in minibatch.items()}
@@ -292,6 +307,7 @@ def update_minibatch(learner, optimizer, minibatch: dict, prompt_width: int, arg
             (loss * world / n_tokens).backward()
         logged.append((mb["mask"], ratio.detach(), mb["advantages"], pg_loss.detach(), vf_loss.detach()))
     grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), args.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # --fsdp: every shard's
     if not torch.isfinite(grad_norm):
         raise FloatingPointError("non-finite gradient")
     optimizer.step()
@@ -301,6 +317,7 @@ def update_minibatch(learner, optimizer, minibatch: dict, prompt_width: int, arg
 # ==== Training ====
 def main() -> None:
     args = parse_args()
+    args.cuda_graphs &= not args.fsdp  # a graph would capture FSDP's hooks, which wait on its own CUDA streams
     device = start(args)  # the process group under torchrun, this process's device, its seed
     run = Run(args, "ppo", device)  # the output folder and the prompts' generator; on --resume, the last save
     policy, ref_policy, tok = load_policies(args, run.last_save, device)  # π_θ and the frozen π_ref: see there
@@ -316,11 +333,13 @@ def main() -> None:
         for m in [m for m in (policy, critic) if m is not None]:
             m.activation_checkpointing_enable()
     agent = PolicyAndCritic(policy, value_head, critic)  # π_θ and V_φ: what Adam steps
+    if args.fsdp:  # each process keeps a shard of every weight, before Adam is given them (see shard)
+        shard(agent, ref_policy, device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, fused=True)  # one kernel for all
     adapters = getattr(policy, "adapters", None)  # with --lora-rank: what trains in π_θ
-    saved = run.restore(value_head=value_head, critic=critic, adapters=adapters, optimizer=optimizer)
+    saved = run.restore(**whole(agent, value_head=value_head, critic=critic, adapters=adapters, optimizer=optimizer))
     beta = saved.get("beta", args.kl_coef)  # β
-    learner = data_parallel(agent)  # the agent, its gradients averaged over processes (itself in one)
+    learner = agent if args.fsdp else data_parallel(agent)  # the agent, its gradients averaged over processes
     batch_size, local_batch = args.num_prompts, args.num_prompts // run.world
     num_iterations = math.ceil(args.total_episodes / batch_size)
     run.begin(
@@ -333,8 +352,12 @@ def main() -> None:
 
     # Iteration 0 measures the starting policy as every later iteration measures its own, and does not update.
     for iteration in run.iterations(num_iterations):
-        # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens.
-        batch, prompt_width = rollout(agent, tok, train_prompts(run.rng, local_batch), args, ref_policy, reward_model)
+        # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens. (With --fsdp, the
+        #    weights are gathered once for it: see gathered.)
+        with gathered(agent, ref_policy):
+            batch, prompt_width = rollout(
+                agent, tok, train_prompts(run.rng, local_batch), args, ref_policy, reward_model
+            )
         run.note_equal_scores(batch["scores"], iteration)
 
         # 2. Advantages: GAE on r_t = −β·KL_t (+ the score), whitened after the returns are taken, so the
@@ -364,8 +387,9 @@ def main() -> None:
         if args.kl_target is not None:  # the next batch's β, from this batch's KL per response
             beta = adaptive_kl_coef(beta, row["kl"], args.kl_target, batch_size, args.kl_horizon)
         due = run.evaluation_due(iteration, batch_size, num_iterations)
-        if due and run.rank == 0:
-            row |= evaluate(policy, tok, args)
+        if due:
+            with gathered(agent):  # by every process under --fsdp; rank 0 evaluates alone
+                row |= evaluate(policy, tok, args) if run.rank == 0 else {}
         run.log(row, "reward_mean", "kl", "entropy", "clip_fraction", "explained_variance")
         if due:  # after the row: a resume redoes everything after its last save
             run.save(row, policy, tok, beta=beta)
@@ -561,6 +585,89 @@ def load_policies(args, last_save: str | None, device: torch.device, with_ref: b
     policy, tok = load_policy(last_save or args.model, device, chat=args.chat)
     ref_policy = load_policy(args.model, device, frozen)[0].requires_grad_(False) if with_ref else None
     return policy, ref_policy, tok
+
+
+def shard(agent, ref_policy, device: torch.device) -> None:
+    """--fsdp: PyTorch's FSDP2 (fully_shard), in place, on each decoder layer of the agent (π_θ, and a separate
+    critic's body) and of π_ref, then on each model whole (the root: embeddings, final norm, LM head). A process
+    keeps 1/N of every weight, gradient and Adam moment; a layer's weights are gathered just before it runs and
+    freed after it, and its gradients reduce-scattered as an average over the processes, as DDP's are all-reduced.
+    On a GPU the gathered weights are bf16 (autocast computes the products in bf16 anyway) and gradients are
+    reduced in float32; the value head, a unit of its own, stays float32 as without --fsdp."""
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    precision = precision if device.type == "cuda" else MixedPrecisionPolicy()  # a CPU's: the parameters' own
+    # V [B, T] is a view of the head's [B, T, 1], which FSDP warns of: nothing writes into it.
+    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view")
+    for model in [m for m in (agent, ref_policy) if m is not None]:
+        # Hugging Face names the class of a decoder layer in _no_split_modules.
+        names = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+        layers = [m for m in model.modules() if type(m).__name__ in names]
+        if not layers:
+            sys.exit("error: --fsdp: the model names no decoder layer (_no_split_modules) to shard by")
+        for layer in layers:
+            fully_shard(layer, mp_policy=precision)
+        if getattr(model, "value_head", None) is not None:
+            fully_shard(model.value_head)
+        fully_shard(model, mp_policy=precision)
+
+
+@contextlib.contextmanager
+def gathered(*models):
+    """Inside the block, the whole weights of each model sharded by --fsdp on every process: gathered once, freed
+    after (else nothing). Decoding then runs no collective: each process takes its own number of steps (its
+    responses may all stop at once, or run to the last token) without another waiting for it, and a step costs no
+    all-gather of every layer. Memory: one whole copy of π_θ, and of π_ref, in bf16 on a GPU."""
+    roots = [m for m in models if isinstance(m, FSDPModule)]
+    units = [unit for root in roots for unit in root.modules() if isinstance(unit, FSDPModule)]
+    for root in roots:
+        # FSDP takes as its root the first unit to run forward, and the sampler calls the body: a layer first.
+        root._get_fsdp_state()._lazy_init()
+        root.set_reshard_after_forward(False)  # every unit keeps its weights after its forward
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for root in roots:
+            root.set_reshard_after_forward(True)
+            root.set_reshard_after_forward(False, recurse=False)  # as fully_shard leaves a root: the backward needs it
+        for unit in units:
+            unit.reshard()
+
+
+class Whole:
+    """Under --fsdp, what a save keeps of a sharded module or optimizer (of `agent`'s parameters): its state_dict
+    as whole tensors on process 0's CPU ({} on the others), and load_state_dict, which shards a whole one again.
+    Every process takes part in both."""
+
+    def __init__(self, item, agent):
+        self.item, self.agent = item, agent
+
+    def state_dict(self) -> dict:
+        if not isinstance(self.item, torch.optim.Optimizer):
+            return whole_weights(self.item)
+        # Before the first step there is nothing to gather, and get_optimizer_state_dict would take a step at lr 0
+        # to make some, which Adam would count.
+        if not self.item.state:
+            return self.item.state_dict()
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.agent, self.item, options=options)
+
+    def load_state_dict(self, state: dict) -> None:
+        options = StateDictOptions(full_state_dict=True)
+        if not isinstance(self.item, torch.optim.Optimizer):
+            set_model_state_dict(self.item, state, options=options)
+        elif not state["state"]:
+            self.item.load_state_dict(state)
+        else:
+            set_optimizer_state_dict(self.agent, self.item, state, options=options)
+
+
+def whole(agent, **stateful) -> dict:
+    """What a save keeps besides the policy (Run.restore's arguments): as they are, or each as Whole under --fsdp."""
+    if not isinstance(agent, FSDPModule):
+        return stateful
+    return {key: None if value is None else Whole(value, agent) for key, value in stateful.items()}
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -996,6 +1103,8 @@ def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
         (not args.kl_coef >= 0, "--kl-coef must be >= 0"),
         (not args.lora_rank >= 0, "--lora-rank must be >= 0"),
         (not args.lora_alpha > 0, "--lora-alpha must be > 0"),
+        (args.fsdp and world < 2, "--fsdp shards over processes: run it under torchrun --nproc-per-node N (N >= 2)"),
+        (args.fsdp and args.lora_rank > 0, "--fsdp does not combine with --lora-rank (LoRA fits 8B on one GPU)"),
         (args.kl_target is not None and not args.kl_target > 0, "--kl-target must be > 0"),
         (args.kl_target is not None and not args.kl_coef > 0, "--kl-target needs a starting --kl-coef > 0"),
         (not args.kl_horizon > 0.2 * args.num_prompts, "--kl-horizon must exceed 0.2 x --num-prompts, or β can hit 0"),
@@ -1161,8 +1270,10 @@ class Run:
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
         if not self.args.resume:
             return {}
-        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device.
-        state = torch.load(self.dir / "model" / "training_state.pt", map_location="cpu", weights_only=True)
+        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device. Mapped,
+        # not read: N processes of one machine share one copy (with --fsdp, each reads the whole optimizer state).
+        path = self.dir / "model" / "training_state.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if len(state["rng"]) != self.world:
             sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
         for key, value in self.stateful.items():
@@ -1252,10 +1363,11 @@ class Run:
         rng_states = [rng_state] * self.world
         if self.world > 1:
             dist.all_gather_object(rng_states, rng_state)
+        states = {key: value.state_dict() for key, value in self.stateful.items()}  # by all: a sharded one gathers
+        weights = whole_weights(policy)
         if self.rank == 0:
-            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states)
-            state |= {key: value.state_dict() for key, value in self.stateful.items()}
-            save(policy, tok, self.dir / "model", state)
+            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states) | states
+            save(policy, tok, self.dir / "model", state, weights)
         if self.world > 1:
             dist.barrier()
 
@@ -1272,13 +1384,27 @@ class Run:
             )
 
 
-def save(policy, tok, path: Path, state: dict) -> None:
-    """The policy (loadable with from_pretrained) and, beside it, what --resume needs. Written to a
-    temporary folder first, so an interrupted save never destroys the previous one."""
+def whole_weights(model) -> dict | None:
+    """The weights of a model sharded by FSDP (ppo.py's and grpo.py's --fsdp), whole, on the CPU of process 0 ({}
+    on the others); every process takes part. None for a model that is not sharded."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {}  # tied weights (GPT-2's LM head is its embedding) as one tensor, which save_pretrained writes once
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in state:
+            state[name] = state[first.setdefault(id(parameter), name)]
+    return state
+
+
+def save(policy, tok, path: Path, state: dict, weights: dict | None = None) -> None:
+    """The policy (loadable with from_pretrained), with `weights` where given (a sharded policy's, whole), and
+    beside it what --resume needs. Written to a temporary folder first, so an interrupted save never destroys the
+    previous one."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     adapters = getattr(policy, "adapters", None)  # LoRA: the merged weights, which from_pretrained loads
-    policy.save_pretrained(tmp, state_dict=None if adapters is None else adapters.merged(policy))
+    policy.save_pretrained(tmp, state_dict=weights if adapters is None else adapters.merged(policy))
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():

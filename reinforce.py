@@ -46,6 +46,8 @@ import torch
 import torch.distributed as dist
 import transformers
 import tyro
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StaticCache
 from transformers.utils import logging as hf_logging
@@ -866,8 +868,10 @@ class Run:
         self.stateful = {k: v for k, v in stateful.items() if v is not None}
         if not self.args.resume:
             return {}
-        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device.
-        state = torch.load(self.dir / "model" / "training_state.pt", map_location="cpu", weights_only=True)
+        # On the CPU whatever device saved it: load_state_dict moves each tensor to its parameter's device. Mapped,
+        # not read: N processes of one machine share one copy (with --fsdp, each reads the whole optimizer state).
+        path = self.dir / "model" / "training_state.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if len(state["rng"]) != self.world:
             sys.exit(f"error: --resume: the run had {len(state['rng'])} processes, not {self.world}")
         for key, value in self.stateful.items():
@@ -957,10 +961,11 @@ class Run:
         rng_states = [rng_state] * self.world
         if self.world > 1:
             dist.all_gather_object(rng_states, rng_state)
+        states = {key: value.state_dict() for key, value in self.stateful.items()}  # by all: a sharded one gathers
+        weights = whole_weights(policy)
         if self.rank == 0:
-            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states)
-            state |= {key: value.state_dict() for key, value in self.stateful.items()}
-            save(policy, tok, self.dir / "model", state)
+            state = dict(iteration=row["iteration"], seconds=row["seconds"], **numbers, rng=rng_states) | states
+            save(policy, tok, self.dir / "model", state, weights)
         if self.world > 1:
             dist.barrier()
 
@@ -977,13 +982,27 @@ class Run:
             )
 
 
-def save(policy, tok, path: Path, state: dict) -> None:
-    """The policy (loadable with from_pretrained) and, beside it, what --resume needs. Written to a
-    temporary folder first, so an interrupted save never destroys the previous one."""
+def whole_weights(model) -> dict | None:
+    """The weights of a model sharded by FSDP (ppo.py's and grpo.py's --fsdp), whole, on the CPU of process 0 ({}
+    on the others); every process takes part. None for a model that is not sharded."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {}  # tied weights (GPT-2's LM head is its embedding) as one tensor, which save_pretrained writes once
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in state:
+            state[name] = state[first.setdefault(id(parameter), name)]
+    return state
+
+
+def save(policy, tok, path: Path, state: dict, weights: dict | None = None) -> None:
+    """The policy (loadable with from_pretrained), with `weights` where given (a sharded policy's, whole), and
+    beside it what --resume needs. Written to a temporary folder first, so an interrupted save never destroys the
+    previous one."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     adapters = getattr(policy, "adapters", None)  # LoRA: the merged weights, which from_pretrained loads
-    policy.save_pretrained(tmp, state_dict=None if adapters is None else adapters.merged(policy))
+    policy.save_pretrained(tmp, state_dict=weights if adapters is None else adapters.merged(policy))
     tok.save_pretrained(tmp)
     torch.save(state, tmp / "training_state.pt")
     if path.exists():

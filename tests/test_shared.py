@@ -36,11 +36,12 @@ SHARED = ["reward", "prompt_of", "train_prompts", "eval_prompts", "load_policy",
           "sample_token", "sample", "Decoder", "default_generator", "capture", "prompt_ids", "conversations", "decode",
           "head_dtype", "product", "lm_head_logits", "LMHeadLogProbs", "response_logprobs", "token_logprobs",
           "response_states", "evaluate", "global_sum", "global_max", "masked_sum", "masked_mean", "floats",
-          "parse_args", "cli_error", "start", "stream_seed", "data_parallel", "Run", "save", "one_line_errors",
-          "process_group", "check_versions"]  # fmt: skip
+          "parse_args", "cli_error", "start", "stream_seed", "data_parallel", "Run", "whole_weights", "save",
+          "one_line_errors", "process_group", "check_versions"]  # fmt: skip
 SHARED_WITH_A_CRITIC = ["token_rewards", "PolicyAndCritic", "masked_var"]  # actor_critic.py and ppo.py
 SHARED_WITHOUT = ["PolicyLogProbs"]  # reinforce.py and grpo.py
 SHARED_LORA = ["kl_penalty", "Adapters", "WithoutAdapters", "adapted", "load_policies"]  # ppo.py and grpo.py
+SHARED_FSDP = ["shard", "gathered", "Whole", "whole"]  # ppo.py and grpo.py
 CONSTANTS = ["EVAL_SAMPLING_SEED", "EVAL_PAIRS", "TRAIN_PAIRS", "LOGITS_PER_CHUNK", "RUN_FILES"]
 
 
@@ -70,6 +71,10 @@ def test_the_shared_pieces_are_the_same_code_in_every_script(scripts):
     for name in SHARED_LORA:
         assert [m.__name__ for m in with_lora] == ["ppo", "grpo"], name
         assert len({inspect.getsource(getattr(m, name)) for m in with_lora}) == 1, name
+    with_fsdp = [m for m in scripts if hasattr(m, "shard")]
+    for name in SHARED_FSDP:
+        assert [m.__name__ for m in with_fsdp] == ["ppo", "grpo"], name
+        assert len({inspect.getsource(getattr(m, name)) for m in with_fsdp}) == 1, name
     for name in CONSTANTS:  # what the shared code reads: equal values, not only equal source
         assert all(getattr(m, name) == getattr(scripts[0], name) for m in scripts), name
 
@@ -542,12 +547,12 @@ def test_a_run_interrupted_after_a_save_and_resumed_writes_what_an_uninterrupted
             raise KeyboardInterrupt
         return rmtree(path, *args, **kwargs)
 
-    def save_then_stop(model, tok, path, state):
+    def save_then_stop(model, tok, path, state, weights=None):
         if stop == "between-a-saves-two-renames" and state["iteration"] == 3:
             monkeypatch.setattr(Path, "rename", stopped_at_the_second_rename)
         if stop == "before-a-save-removes-model-old" and state["iteration"] == 3:
             monkeypatch.setattr(shutil, "rmtree", stopped_before_removing_model_old)
-        save(model, tok, path, state)
+        save(model, tok, path, state, weights)
         if stop.startswith("after-a-save") and state["iteration"] == 2:
             raise KeyboardInterrupt
 
