@@ -703,8 +703,9 @@ class PolicyLogProbs(torch.nn.Module):
 
 # ==== Below: the plumbing. Command line, processes, the run's folder: the same code in every script. ====
 # A copy that only ever runs as one process may delete what torchrun needs: data_parallel (use the module
-# itself), the process group in start() and Run.finish(), and global_sum's and global_max's all-reduce
-# (each then returns its argument); no_sync in the update is then never reached.
+# itself), start()'s process group, stream_seed (seed with --seed), process_group (run main() under
+# one_line_errors alone), whole_weights and, where a script has them, --fsdp's shard, gathered, Whole and whole;
+# global_sum and global_max then return their argument, and the update's no_sync is never reached.
 def check_args(args: Args, world: int) -> list[tuple[bool, str]]:
     """This script's own bad input: (is it bad, the error line)."""
     flag = lambda name: "--" + name.replace("_", "-")
