@@ -354,10 +354,9 @@ def main() -> None:
     for iteration in run.iterations(num_iterations):
         # 1. Collect: one response per prompt, its score, and π_old, π_ref and V_old on its tokens. (With --fsdp, the
         #    weights are gathered once for it: see gathered.)
+        prompts = train_prompts(run.rng, local_batch)
         with gathered(agent, ref_policy):
-            batch, prompt_width = rollout(
-                agent, tok, train_prompts(run.rng, local_batch), args, ref_policy, reward_model
-            )
+            batch, prompt_width = rollout(agent, tok, prompts, args, ref_policy, reward_model)
         run.note_equal_scores(batch["scores"], iteration)
 
         # 2. Advantages: GAE on r_t = −β·KL_t (+ the score), whitened after the returns are taken, so the
